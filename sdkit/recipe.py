@@ -1,0 +1,309 @@
+"""Typed training recipes: a YAML file plus dotted KEY=VALUE overrides.
+
+Imports only pydantic and yaml, so a recipe is checked before torch or any model loads.
+Every problem becomes a `UserError` whose one line names the key and the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sdkit.errors import UserError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors; assignment is validated so code cannot smuggle in bad values.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    pretrained: str = Field(description="Hub id or local diffusers folder of the base model.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    variant: Optional[str] = Field(None, description="Weight variant to load, e.g. fp16.")
+    family: Literal["auto", "sd", "sdxl", "sd3"] = Field(
+        "auto", description="Model family; auto reads _class_name from model_index.json."
+    )
+    vae: Optional[str] = Field(
+        None, description="Separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."
+    )
+    refiner: Optional[str] = Field(
+        None, description="SDXL refiner used for validation images (base + refiner)."
+    )
+    load_t5: bool = Field(True, description="SD3: load the T5 text encoder (false saves memory).")
+
+
+class MethodConfig(_Section):
+    type: Literal["full", "lora"] = Field("lora", description="full: train all denoiser weights; lora: train adapters.")
+    rank: int = Field(4, ge=1, description="LoRA rank.")
+    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; defaults to the rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: Optional[list[str]] = Field(
+        None, description="Module names that get adapters; default: the family's attention projections."
+    )
+    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (LoRA on their attention).")
+
+
+class DataConfig(_Section):
+    dataset: str = Field(
+        description="Hub dataset id, a folder with metadata.jsonl, or a folder of images with .txt captions."
+    )
+    split: str = Field("train", description="Dataset split (hub datasets).")
+    image_column: str = Field("image", description="Column holding the image.")
+    caption_column: str = Field("text", description="Column holding the caption.")
+    instance_prompt: Optional[str] = Field(
+        None, description="One caption for every image of a folder without captions."
+    )
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (multiple of 8).")
+    center_crop: bool = Field(True, description="Center crop; false crops at random.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random.")
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Share of captions replaced by the empty prompt.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use only the first N samples.")
+    bad_images: Literal["skip", "error"] = Field(
+        "skip", description="Unreadable images: skip (each is reported with its file name) or stop."
+    )
+    num_workers: int = Field(0, ge=0, description="Data loader worker processes.")
+    cache: bool = Field(
+        True, description="Cache latents and text embeddings on disk when the encoders are frozen."
+    )
+
+    @model_validator(mode="after")
+    def _multiple_of_8(self):
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (torch) or adamw8bit (bitsandbytes).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    scale_lr: bool = Field(False, description="Multiply lr by batch size x accumulation x processes.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(1, ge=1, description="Batch size per process.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run (wins over epochs).")
+    epochs: Optional[int] = Field(None, ge=1, description="Epochs to run when max_steps is not set.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Autocast precision; trainable weights stay fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed for weights, data order and noise.")
+    ema: bool = Field(False, description="Keep an EMA of the weights (full fine-tunes); the result is the EMA.")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="DDPM target; auto reads the scheduler config."
+    )
+    snr_gamma: Optional[float] = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
+    noise_offset: float = Field(0.0, ge=0, description="Noise offset (brighter/darker images).")
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = Field(
+        "logit_normal", description="Flow matching (SD3): how training timesteps are drawn."
+    )
+    logit_mean: float = Field(0.0, description="Flow matching: logit-normal mean.")
+    logit_std: float = Field(1.0, gt=0, description="Flow matching: logit-normal std.")
+    mode_scale: float = Field(1.29, description="Flow matching: scale of the mode sampling.")
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Flow matching: loss weighting scheme."
+    )
+    checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps.")
+    checkpoints_keep: int = Field(3, ge=1, description="How many checkpoints to keep (oldest removed).")
+    resume: Optional[str] = Field(None, description="auto (newest complete checkpoint) or a checkpoint folder.")
+    allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere and newer GPUs.")
+    compile: bool = Field(False, description="torch.compile the denoiser.")
+    channels_last: bool = Field(False, description="channels_last memory format for the UNet.")
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class ValidationConfig(_Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts for sample images during training.")
+    negative_prompt: Optional[str] = Field(None, description="Negative prompt for sample images.")
+    every: int = Field(500, ge=1, description="Make sample images every N steps (and at the end).")
+    num_images: int = Field(1, ge=1, description="Images per prompt.")
+    steps: int = Field(25, ge=1, description="Sampler steps.")
+    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    seed: int = Field(0, description="Seed of the sample images.")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard logs to OUTPUT_DIR/logs.")
+    every: int = Field(10, ge=1, description="Log loss and lr every N steps.")
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    output_dir: str = Field(description="Run folder: checkpoints, samples, logs and the result.")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+def field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key the schema knows, mapped to its pydantic FieldInfo."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(field_paths(ann, key + "."))
+        else:
+            out[key] = info
+    return out
+
+
+def _sections(model: type[BaseModel] = Recipe, prefix: str = "") -> set[str]:
+    out = set()
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.add(prefix + name)
+            out |= _sections(ann, prefix + name + ".")
+    return out
+
+
+def _unknown_key_message(key: str) -> str:
+    known = list(field_paths()) + sorted(_sections())
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a misspelled leaf inside the right section: compare last parts
+        leaf = key.rsplit(".", 1)[-1]
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        leaves = {k.rsplit(".", 1)[-1]: k for k in known if k.startswith(section + ".")} if section else {}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        close = [leaves[m[0]]] if m else []
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}'{hint}"
+
+
+def _walk_unknown(data: Any, model: type[BaseModel], prefix: str = "") -> Optional[str]:
+    if not isinstance(data, dict):
+        return None
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        info = model.model_fields.get(key)
+        if info is None:
+            return dotted
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            bad = _walk_unknown(value, ann, dotted + ".")
+            if bad:
+                return bad
+    return None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not KEY=VALUE (e.g. train.max_steps=500)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
+    """Set dotted keys in place; returns the keys that came from the command line."""
+    touched = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+        touched.add(key)
+    return touched
+
+
+def _looks_local(ref: str) -> bool:
+    """A path the user clearly meant as a folder (hub ids are 'name' or 'org/name')."""
+    return (
+        ref.startswith((".", "/", "~"))
+        or ref.count("/") > 1
+        or "\\" in ref
+        or os.path.exists(os.path.expanduser(ref))
+    )
+
+
+def check_local_ref(ref: str, key: str) -> None:
+    if _looks_local(ref) and not os.path.exists(os.path.expanduser(ref)):
+        raise UserError(f"{key}: folder '{ref}' does not exist")
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise UserError(f"recipe file '{where}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{where}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: a recipe is a mapping of sections (model:, data:, train: ...)")
+    touched = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, where, touched)
+
+
+def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = frozenset()) -> Recipe:
+    def origin(key: str) -> str:
+        return "command line" if key in from_cli else where
+
+    bad = _walk_unknown(data, Recipe)
+    if bad:
+        raise UserError(f"{origin(bad)}: {_unknown_key_message(bad)}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "is required"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        msg = msg.replace("Value error, ", "")
+        return_key = key or "recipe"
+        raise UserError(f"{origin(key)}: {return_key}: {msg}") from None
+    check_local_ref(recipe.model.pretrained, "model.pretrained")
+    for key in ("vae", "refiner"):
+        ref = getattr(recipe.model, key)
+        if ref:
+            check_local_ref(ref, f"model.{key}")
+    check_local_ref(recipe.data.dataset, "data.dataset")
+    return recipe
