@@ -1,0 +1,529 @@
+"""Training data: where images and captions come from, how each sample is transformed, and
+which samples each process sees in which order.
+
+Sources (`load_records`), picked from what `data.dataset` points at:
+  - a folder with `metadata.jsonl` (or `metadata.csv`): `file_name` plus a caption column;
+  - a folder of images with a `.txt` caption beside each (kohya layout, subfolders included);
+  - a folder of images without captions, with `data.instance_prompt`;
+  - a folder written by `datasets.save_to_disk`, or of parquet/arrow/csv/json data files;
+  - a hub dataset id, through `datasets.load_dataset`.
+
+Every random choice a sample needs (flip, caption dropout, crop position) is drawn from
+(seed, epoch, index) alone, never from a global RNG, so a resumed run and a latent cache see
+exactly the same samples as an uninterrupted run, whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from sdkit.errors import UserError
+from sdkit.recipe import DataConfig
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DATA_FILE_SUFFIXES = frozenset({".parquet", ".arrow", ".csv", ".json", ".jsonl"})
+SHOW_PROGRESS_FROM = 200  # scanning fewer images is too quick for a progress bar to help
+SUMMARY_NAMES = 5  # bad images named in the one-line skip summary
+
+Log = Callable[[str], Any]
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class Record:
+    """One training sample before any transform: a caption and a way to load its image."""
+
+    name: str  # for messages: file path relative to the folder, or "<dataset>[<row>]"
+    caption: str
+    identity: str  # stable across runs while the image is unchanged; part of cache keys
+    path: Optional[Path] = field(default=None, repr=False)
+    rows: Optional["_HubRows"] = field(default=None, repr=False, compare=False)
+    row: int = -1
+
+    def load_image(self) -> Image.Image:
+        """The image as RGB, EXIF rotation applied. Raises UserError naming the file or row."""
+        try:
+            if self.path is not None:
+                with Image.open(self.path) as image:
+                    return to_rgb(image)
+            return to_rgb(self.rows.image(self.row))
+        except UserError:
+            raise
+        except Exception as e:  # PIL raises many types for broken files
+            raise UserError(f"data.dataset: image {self.name} could not be decoded ({_reason(e)})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode fully, honour EXIF orientation, and put transparent pixels on white."""
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text or type(error).__name__
+
+
+class _HubRows:
+    """A `datasets.Dataset` whose image column we decode ourselves, so a broken row names itself."""
+
+    def __init__(self, dataset, image_column: str):
+        import datasets
+
+        if isinstance(dataset.features.get(image_column), datasets.Image):
+            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.dataset = dataset.select_columns([image_column])
+        self.image_column = image_column
+        self.base_dir: Optional[Path] = None  # for string paths in a local dataset
+
+    def image(self, row: int) -> Image.Image:
+        value = self.dataset[row][self.image_column]
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict):  # datasets.Image storage: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                return Image.open(io.BytesIO(value["bytes"]))
+            value = value.get("path")
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value))
+        if isinstance(value, str):
+            path = Path(value)
+            if not path.is_absolute() and self.base_dir is not None:
+                path = self.base_dir / path
+            return Image.open(path)
+        raise ValueError(f"column '{self.image_column}' holds {type(value).__name__}, not an image")
+
+
+# ---------------------------------------------------------------- loading
+
+def load_records(cfg: DataConfig, *, log: Log = print) -> list[Record]:
+    """Every usable sample of `cfg.dataset`, in a stable order, captions resolved.
+
+    Local image files are checked once here (each one decoded); unreadable ones are skipped
+    with one summary line, or stop the run when `bad_images=error`. Hub rows are not scanned
+    (too slow for big sets): a broken row raises when it is first loaded.
+    """
+    source = os.path.expanduser(cfg.dataset)
+    root = Path(source)
+    if root.is_dir():
+        records = _load_folder(root, cfg, log)
+    elif root.is_file():
+        records = _load_with_datasets(cfg, log, data_files=root)
+    elif _looks_like_path(cfg.dataset):
+        raise UserError(f"data.dataset: folder '{cfg.dataset}' does not exist")
+    else:
+        records = _load_with_datasets(cfg, log)
+    if not records:
+        raise UserError(f"data.dataset: no usable images in '{cfg.dataset}'")
+    return records
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
+def _load_folder(root: Path, cfg: DataConfig, log: Log) -> list[Record]:
+    for folder in (root, root / cfg.split):
+        for name in ("metadata.jsonl", "metadata.csv"):
+            if (folder / name).is_file():
+                return _scan(_metadata_records(folder, folder / name, cfg, display_root=root), cfg, log)
+    if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
+        return _load_with_datasets(cfg, log, saved=root)
+    images = _image_files(root)
+    if not images:
+        if any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in root.rglob("*") if p.is_file()):
+            return _load_with_datasets(cfg, log, data_dir=root)
+        raise UserError(f"data.dataset: no images found in folder '{cfg.dataset}'")
+    return _scan(_caption_file_records(root, images, cfg), cfg, log)
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Image files under root, hidden files and folders left out, in a stable order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _file_record(path: Path, root: Path, caption: str) -> Record:
+    stat = path.stat()
+    return Record(
+        name=path.relative_to(root).as_posix(),
+        caption=caption,
+        identity=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}",
+        path=path,
+    )
+
+
+def _caption_file_records(root: Path, images: list[Path], cfg: DataConfig) -> list[Record]:
+    if cfg.instance_prompt is not None:
+        return [_file_record(p, root, cfg.instance_prompt) for p in images]
+    captioned = [p for p in images if p.with_suffix(".txt").is_file()]
+    if not captioned:
+        raise UserError(
+            f"data.instance_prompt: folder '{cfg.dataset}' has no captions (no metadata.jsonl, "
+            f"no .txt beside the images); set data.instance_prompt"
+        )
+    if len(captioned) < len(images):
+        missing = next(p for p in images if not p.with_suffix(".txt").is_file())
+        raise UserError(
+            f"data.dataset: image {missing.relative_to(root).as_posix()} has no .txt caption "
+            f"({len(images) - len(captioned)} of {len(images)} lack one); add them or set data.instance_prompt"
+        )
+    records = []
+    for p in images:
+        caption = p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
+        records.append(_file_record(p, root, caption))
+    return records
+
+
+def _metadata_rows(meta: Path) -> Iterator[tuple[int, dict]]:
+    if meta.suffix == ".csv":
+        with open(meta, newline="", encoding="utf-8") as f:
+            for number, row in enumerate(csv.DictReader(f), start=2):
+                yield number, row
+        return
+    with open(meta, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"data.dataset: {meta} line {number} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"data.dataset: {meta} line {number} is not a JSON object")
+            yield number, row
+
+
+def _metadata_records(folder: Path, meta: Path, cfg: DataConfig, display_root: Path) -> list[Record]:
+    records = []
+    for number, row in _metadata_rows(meta):
+        if "file_name" not in row:
+            raise UserError(f"data.dataset: {meta} line {number} has no 'file_name'")
+        if cfg.instance_prompt is not None:
+            caption = cfg.instance_prompt
+        elif cfg.caption_column in row:
+            caption = _caption_text(row[cfg.caption_column])
+        else:
+            raise UserError(
+                f"data.caption_column: '{cfg.caption_column}' is not in {meta} line {number} "
+                f"(it has: {', '.join(sorted(row))})"
+            )
+        path = folder / row["file_name"]
+        if path.is_file():
+            records.append(_file_record(path, display_root, caption))
+        else:  # listed but absent: reported like any unreadable image
+            records.append(Record(name=path.relative_to(display_root).as_posix(), caption=caption,
+                                  identity=f"{path}|missing", path=path))
+    return records
+
+
+def _caption_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):  # several captions per image: take the first
+        return _caption_text(value[0]) if value else ""
+    return str(value).strip()
+
+
+def _limit(cfg: DataConfig) -> int:
+    return cfg.max_samples if cfg.max_samples is not None else math.inf
+
+
+# ---------------------------------------------------------------- scanning local files
+
+def check_image(path: Path) -> Optional[str]:
+    """None when the file decodes as an image, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (64, 64))  # decoding at 1/8 scale still reads every byte
+            image.load()
+        return None
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as e:
+        return _reason(e)
+
+
+def _scan(records: list[Record], cfg: DataConfig, log: Log) -> list[Record]:
+    """The first `max_samples` records whose image decodes; the others are skipped with one
+    summary line, or stop the run when `bad_images=error`."""
+    limit = _limit(cfg)
+    good: list[Record] = []
+    bad: list[tuple[Record, str]] = []
+    checked = 0
+    workers = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(check_image, [r.path for r in records])
+        if len(records) >= SHOW_PROGRESS_FROM and limit >= SHOW_PROGRESS_FROM:
+            results = _with_progress(results, len(records))
+        try:
+            for record, why in zip(records, results):
+                checked += 1
+                if why is None:
+                    good.append(record)
+                elif cfg.bad_images == "error":
+                    raise UserError(
+                        f"data.dataset: image {record.name} is unreadable ({why}); fix or remove it, "
+                        f"or set data.bad_images=skip"
+                    )
+                else:
+                    bad.append((record, why))
+                if len(good) >= limit:
+                    break
+        finally:
+            results.close()  # ends the progress bar and cancels checks not yet started
+    if bad:
+        named = "; ".join(f"{r.name} ({why})" for r, why in bad[:SUMMARY_NAMES])
+        more = f"; and {len(bad) - SUMMARY_NAMES} more" if len(bad) > SUMMARY_NAMES else ""
+        log(f"skipped {len(bad)} unreadable image(s) of {checked}: {named}{more}")
+    return good
+
+
+def _with_progress(results: Iterator, total: int) -> Iterator:
+    from rich.progress import Progress
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("checking images", total=total)
+        for result in results:
+            progress.advance(task)
+            yield result
+
+
+# ---------------------------------------------------------------- datasets library
+
+def _load_with_datasets(cfg: DataConfig, log: Log, *, saved: Optional[Path] = None,
+                        data_dir: Optional[Path] = None, data_files: Optional[Path] = None) -> list[Record]:
+    import datasets
+
+    try:
+        if saved is not None:
+            dataset = datasets.load_from_disk(str(saved))
+            if isinstance(dataset, datasets.DatasetDict):
+                if cfg.split not in dataset:
+                    raise UserError(
+                        f"data.split: '{cfg.split}' is not a split of '{cfg.dataset}' "
+                        f"(it has: {', '.join(dataset)})"
+                    )
+                dataset = dataset[cfg.split]
+        elif data_files is not None:
+            builder = {".jsonl": "json"}.get(data_files.suffix, data_files.suffix.lstrip("."))
+            dataset = datasets.load_dataset(builder, data_files=str(data_files), split=cfg.split)
+        elif data_dir is not None:
+            dataset = datasets.load_dataset(str(data_dir), split=cfg.split)
+        else:
+            dataset = datasets.load_dataset(cfg.dataset, split=cfg.split)
+    except UserError:
+        raise
+    except ValueError as e:  # an unknown split, or a folder the builders cannot read
+        raise UserError(f"data.dataset: could not load '{cfg.dataset}' split '{cfg.split}' ({_reason(e)})") from None
+    except (FileNotFoundError, ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(f"data.dataset: could not load '{cfg.dataset}' ({_reason(e)})") from None
+
+    columns = list(dataset.column_names)
+    if cfg.image_column not in columns:
+        raise UserError(f"data.image_column: '{cfg.image_column}' is not a column of '{cfg.dataset}' "
+                        f"(columns: {', '.join(columns)})")
+    if cfg.instance_prompt is None and cfg.caption_column not in columns:
+        raise UserError(f"data.caption_column: '{cfg.caption_column}' is not a column of '{cfg.dataset}' "
+                        f"(columns: {', '.join(columns)})")
+    if cfg.max_samples is not None and cfg.max_samples < len(dataset):
+        dataset = dataset.select(range(cfg.max_samples))
+
+    if cfg.instance_prompt is not None:
+        captions = [cfg.instance_prompt] * len(dataset)
+    else:  # reading one column does not decode any image
+        captions = [_caption_text(c) for c in dataset.select_columns([cfg.caption_column])[cfg.caption_column]]
+    rows = _HubRows(dataset, cfg.image_column)
+    if saved is not None or data_dir is not None or data_files is not None:
+        local = saved or data_dir or data_files.parent
+        rows.base_dir = local
+    fingerprint = getattr(dataset, "_fingerprint", None) or cfg.split
+    return [
+        Record(name=f"{cfg.dataset}[{i}]", caption=caption, identity=f"{cfg.dataset}@{fingerprint}[{i}]",
+               rows=rows, row=i)
+        for i, caption in enumerate(captions)
+    ]
+
+
+# ---------------------------------------------------------------- transforms
+
+@dataclass(frozen=True)
+class Variant:
+    """The random choices for one sample in one epoch."""
+
+    flip: bool
+    drop_caption: bool
+    crop: Optional[tuple[float, float]]  # (top, left) as fractions of the free space; None: center
+
+
+def _mix(*parts: int) -> int:
+    """A well-spread 63-bit seed from integers (negative ones too), the same in every process."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def resize_and_crop(image: Image.Image, resolution: int, flip: bool,
+                    crop: Optional[tuple[float, float]]) -> tuple[Image.Image, tuple[int, int]]:
+    """Shorter side to `resolution` (Lanczos), flip, then crop a square.
+
+    Returns the square and its (top, left) in the resized (and flipped) image: the order and
+    coordinates diffusers' SDXL training script uses for its crop micro-conditioning.
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    free_y, free_x = size[1] - resolution, size[0] - resolution
+    if crop is None:
+        top, left = int(round(free_y / 2)), int(round(free_x / 2))
+    else:
+        top, left = min(free_y, int(crop[0] * (free_y + 1))), min(free_x, int(crop[1] * (free_x + 1)))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor [3, H, W] in [-1, 1]."""
+    import numpy as np
+
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Transformed samples keyed by (index, epoch); see `EpochSampler` for the keys."""
+
+    def __init__(self, records: list[Record], cfg: DataConfig, seed: int):
+        self.records = list(records)
+        self.cfg = cfg
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def variant(self, index: int, epoch: int) -> Variant:
+        rng = random.Random(_mix(self.seed, epoch, index))
+        # Draw every number every time, so one option never shifts another's draws.
+        flip, drop, top, left = rng.random(), rng.random(), rng.random(), rng.random()
+        return Variant(
+            flip=self.cfg.random_flip and flip < 0.5,
+            drop_caption=drop < self.cfg.caption_dropout,
+            crop=None if self.cfg.center_crop else (top, left),
+        )
+
+    def is_cacheable(self) -> bool:
+        """Latents can be cached only when each flip variant always gives the same pixels."""
+        return self.cfg.center_crop
+
+    def cache_variants(self) -> list[bool]:
+        return [False, True] if self.cfg.random_flip else [False]
+
+    def _sample(self, index: int, variant: Variant) -> dict:
+        record = self.records[index]
+        image = record.load_image()
+        original = (image.height, image.width)
+        square, top_left = resize_and_crop(image, self.cfg.resolution, variant.flip, variant.crop)
+        return {
+            "pixel_values": to_tensor(square),
+            "caption": "" if variant.drop_caption else record.caption,
+            "original_size": torch.tensor(original, dtype=torch.long),
+            "crop_top_left": torch.tensor(top_left, dtype=torch.long),
+            "index": index,
+            "flip": variant.flip,
+            "drop_caption": variant.drop_caption,
+        }
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        return self._sample(index, self.variant(index, epoch))
+
+    def item(self, index: int, flip: bool) -> dict:
+        """A fixed variant for the latent cache: center crop, the caption kept."""
+        return self._sample(index, Variant(flip=flip, drop_caption=False, crop=None))
+
+
+def collate(items: list[dict]) -> dict:
+    """Tensors stacked; captions, indices and flags as lists."""
+    return {
+        key: torch.stack([it[key] for it in items]) if torch.is_tensor(items[0][key]) else [it[key] for it in items]
+        for key in items[0]
+    }
+
+
+# ---------------------------------------------------------------- order
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch) keys for THIS rank, batch-aligned, deterministic from seed and epoch.
+
+    Each epoch shuffles range(n) with a generator seeded from (seed, epoch), keeps the largest
+    multiple of batch_size * world_size (the rest waits for a later epoch's shuffle), and gives
+    rank r every world_size-th index from r: disjoint shards, the same batch count on every rank.
+    A set smaller than one batch per rank is repeated to fill it.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        if n < 1:
+            raise ValueError("EpochSampler needs at least one sample")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch; skip this rank's first `start_batch` batches (resume mid-epoch)."""
+        if not 0 <= start_batch <= self.batches_per_epoch():
+            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch()}")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return max(1, self.n // (self.batch_size * self.world_size))
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """Every index this rank sees in `epoch`, in order (no batch skipped)."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.batches_per_epoch() * self.batch_size * self.world_size
+        order = (order * math.ceil(total / self.n))[:total]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size:]
+        return iter([(i, self.epoch) for i in indices])
+
+    def __len__(self) -> int:
+        """Keys the next iteration yields (fewer than a full epoch after a mid-epoch resume)."""
+        return (self.batches_per_epoch() - self.start_batch) * self.batch_size
