@@ -1,0 +1,143 @@
+"""Cache of VAE posteriors and text embeddings, so a cached step runs only the denoiser.
+
+Valid when the VAE and text encoders are frozen and the pixels of a sample do not change
+between epochs (center crop; each flip variant is cached separately). Files are safetensors
+under a folder keyed by everything that changes the encoders' output (model, VAE, dtype,
+resolution, crop); each sample's file name carries a digest of its image identity and
+caption, so a changed caption or image is encoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+EMPTY_CAPTION_FILE = "empty-caption.safetensors"
+
+
+def cache_key(recipe, family_name: str, dtype: torch.dtype) -> str:
+    parts = {
+        "family": family_name,
+        "model": recipe.model.pretrained,
+        "revision": recipe.model.revision,
+        "variant": recipe.model.variant,
+        "vae": recipe.model.vae,
+        "load_t5": recipe.model.load_t5,
+        "resolution": recipe.data.resolution,
+        "center_crop": recipe.data.center_crop,
+        "dtype": str(dtype),
+        "format": 1,
+    }
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _digest(record, flip: bool) -> str:
+    return hashlib.sha1(f"{record.identity}\n{record.caption}\n{flip}".encode()).hexdigest()[:16]
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written cache entry
+
+
+class LatentCache:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, dataset, index: int, flip: bool) -> Path:
+        return self.root / f"{index:07d}-{int(flip)}-{_digest(dataset.records[index], flip)}.safetensors"
+
+    def missing(self, dataset, rank: int = 0, world_size: int = 1) -> list[tuple[int, bool]]:
+        todo = []
+        for index in range(rank, len(dataset), world_size):
+            for flip in dataset.cache_variants():
+                if not self.path(dataset, index, flip).is_file():
+                    todo.append((index, flip))
+        return todo
+
+    def build(
+        self,
+        family,
+        dataset,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 8,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Encode this rank's share of the samples that are not cached yet; returns how many."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        empty = self.root / EMPTY_CAPTION_FILE
+        if rank == 0 and not empty.is_file():
+            with torch.no_grad():
+                _save_atomic(_text_row(family.encode_text([""]), 0), empty)
+        todo = self.missing(dataset, rank, world_size)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            items = [dataset.item(index, flip) for index, flip in chunk]
+            pixels = torch.stack([it["pixel_values"] for it in items])
+            with torch.no_grad():
+                moments = family.encode_images(pixels)
+                text = family.encode_text([it["caption"] for it in items])
+            for row, ((index, flip), item) in enumerate(zip(chunk, items)):
+                tensors = {"moments": moments[row], **_text_row(text, row)}
+                tensors["original_size"] = item["original_size"]
+                tensors["crop_top_left"] = item["crop_top_left"]
+                _save_atomic(tensors, self.path(dataset, index, flip))
+            if on_progress:
+                on_progress(min(start + batch_size, len(todo)), len(todo))
+        return len(todo)
+
+
+def _text_row(text: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    return {f"text.{k}": v[row] for k, v in text.items()}
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Same keys and variants as the TrainDataset it wraps, read from the cache."""
+
+    def __init__(self, dataset, cache: LatentCache):
+        self.dataset = dataset
+        self.cache = cache
+        self.empty = {k[5:]: v for k, v in load_file(cache.root / EMPTY_CAPTION_FILE).items()}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        variant = self.dataset.variant(index, epoch)
+        flip = bool(variant.flip)
+        stored = load_file(self.cache.path(self.dataset, index, flip))
+        text = {k[5:]: v for k, v in stored.items() if k.startswith("text.")}
+        if variant.drop_caption:
+            text = dict(self.empty)
+        return {
+            "moments": stored["moments"],
+            "text": text,
+            "original_size": stored["original_size"],
+            "crop_top_left": stored["crop_top_left"],
+            "index": index,
+            "flip": flip,
+            "drop_caption": bool(variant.drop_caption),
+            "caption": "" if variant.drop_caption else self.dataset.records[index].caption,
+        }
+
+
+def collate_cached(items: list[dict]) -> dict:
+    batch = {
+        "moments": torch.stack([it["moments"] for it in items]),
+        "text": {k: torch.stack([it["text"][k] for it in items]) for k in items[0]["text"]},
+        "original_size": torch.stack([it["original_size"] for it in items]),
+        "crop_top_left": torch.stack([it["crop_top_left"] for it in items]),
+    }
+    for key in ("index", "flip", "drop_caption", "caption"):
+        batch[key] = [it[key] for it in items]
+    return batch

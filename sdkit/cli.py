@@ -1,0 +1,183 @@
+"""The `sdkit` command line.
+
+Thin on purpose: each command checks its input, then imports its runner lazily, so
+`sdkit --help` never pays for torch, diffusers or peft.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sdkit.errors import UserError
+
+app = typer.Typer(
+    help="Fine-tune, generate with, evaluate and export Stable Diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+OverridesArg = typer.Argument(None, help="Recipe overrides as dotted KEY=VALUE, e.g. train.max_steps=500.")
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/sd15-lora.yaml."),
+    overrides: Optional[List[str]] = OverridesArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and what would run; load nothing."),
+    accelerate_config: Optional[Path] = typer.Option(
+        None, "--accelerate-config", help="accelerate config (default: ./accelerate_config.yaml when present)."
+    ),
+):
+    """Train from a recipe (full fine-tune or LoRA), through accelerate."""
+    from sdkit.launch import launch_or_run
+    from sdkit.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides or [])
+    launch_or_run(resolved, recipe, overrides or [], accelerate_config, dry_run=dry_run)
+
+
+@app.command()
+def generate(
+    prompts: List[str] = typer.Argument(..., help="One or more prompts."),
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, diffusers folder or training run folder."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA file, folder or run folder."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="SDXL refiner (hub id or folder)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", min=0.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Seed; the same seed gives the same image."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (multiple of 8)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (multiple of 8)."),
+    num_images: int = typer.Option(1, "--num-images", min=1, help="Images per prompt."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler: ddim, euler, euler-a, dpm++, pndm, ..."),
+    out: Path = typer.Option(Path("outputs"), "--out", help="Folder for the PNG files."),
+    device: Optional[str] = typer.Option(None, "--device", help="Force a device (cuda, cpu, mps)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
+    profile: bool = typer.Option(False, "--profile", help="Time text encoding, denoising and decoding; report peak memory."),
+):
+    """Generate images from a base model, a fine-tune, a LoRA, or SDXL base + refiner."""
+    from sdkit.generate import generate_command
+
+    for name, value in (("--width", width), ("--height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"{name} must be a positive multiple of 8, got {value}")
+    generate_command(
+        prompts=prompts, model=model, lora=lora, lora_scale=lora_scale, refiner=refiner,
+        negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
+        height=height, num_images=num_images, scheduler=scheduler, out=out, device=device,
+        dtype=dtype, profile=profile,
+    )
+
+
+@app.command("eval")
+def evaluate(
+    prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt a line (# comments ignored)."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Model to score; repeat to compare several."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA applied to every model."),
+    clip_model: str = typer.Option("openai/clip-vit-large-patch14", "--clip-model", help="CLIP hub id or local folder."),
+    images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1, help="Images per prompt and model."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", min=0.0, help="Guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="First seed; image k of a prompt uses seed + k."),
+    width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (multiple of 8)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (multiple of 8)."),
+    out: Path = typer.Option(Path("eval"), "--out", help="Folder for report.json, scores.csv and grid.png."),
+    device: Optional[str] = typer.Option(None, "--device", help="Force a device."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
+):
+    """CLIP score per prompt and overall, for one or more models."""
+    from sdkit.evaluate import eval_command
+
+    eval_command(
+        prompts=prompts, models=model, lora=lora, clip_model=clip_model, images_per_prompt=images_per_prompt,
+        steps=steps, guidance=guidance, seed=seed, width=width, height=height, out=out, device=device, dtype=dtype,
+    )
+
+
+@app.command()
+def export(
+    format: str = typer.Option(..., "--format", help="mar (TorchServe/KServe) or safetensors."),
+    model: str = typer.Option(..., "--model", "-m", help="Hub id, diffusers folder or training run folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder (or file with --single-file)."),
+    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA to ship, fuse or convert."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="mar: SDXL refiner to ship."),
+    name: Optional[str] = typer.Option(None, "--name", help="mar: model name (default: from the model)."),
+    archive_format: str = typer.Option("default", "--archive-format", help="mar: default, no-archive or tgz."),
+    check: bool = typer.Option(False, "--check", help="mar: start TorchServe locally and send test requests."),
+    max_steps: int = typer.Option(50, "--max-steps", help="mar: cap on steps per request."),
+    max_size: int = typer.Option(1024, "--max-size", help="mar: cap on width/height per request."),
+    max_batch: int = typer.Option(4, "--max-batch", help="mar: cap on images per request."),
+    dtype: str = typer.Option("fp16", "--dtype", help="safetensors: fp16, bf16 or fp32."),
+    single_file: bool = typer.Option(False, "--single-file", help="safetensors: one original-layout checkpoint."),
+    lora_format: str = typer.Option("peft", "--lora-format", help="safetensors LoRA: peft (diffusers) or kohya."),
+    fuse_lora: bool = typer.Option(False, "--fuse-lora", help="Merge the LoRA into the base weights."),
+    lora_scale: float = typer.Option(1.0, "--lora-scale", help="Strength when fusing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+):
+    """Export a TorchServe archive (.mar, KServe v2) or safetensors files other SD tools load."""
+    from sdkit.export.run import export_command
+
+    written = export_command(
+        format=format, model=model, out=str(out), lora=lora, refiner=refiner, name=name, dtype=dtype,
+        single_file=single_file, lora_format=lora_format, fuse_lora=fuse_lora, lora_scale=lora_scale,
+        force=force, archive_format=archive_format, check=check, max_steps=max_steps, max_size=max_size,
+        max_batch=max_batch,
+    )
+    for path in written or []:
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="YAML recipe."),
+    overrides: Optional[List[str]] = OverridesArg,
+    gpu_memory: float = typer.Option(24.0, "--gpu-memory", help="GPU memory in GiB to check against."),
+):
+    """Estimate the peak GPU memory of a training step, without a GPU or the weights."""
+    from sdkit.plan import plan_command
+
+    plan_command(str(recipe), overrides or [], gpu_memory=gpu_memory)
+
+
+@app.command()
+def bench(
+    recipe: Path = typer.Argument(..., help="YAML recipe."),
+    overrides: Optional[List[str]] = OverridesArg,
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed warm-up steps."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", help="KEY=VALUE for a second variant."),
+):
+    """Time training steps of a recipe; --compare runs a variant and prints the ratio."""
+    from sdkit.bench import bench_command
+
+    bench_command(str(recipe), overrides or [], steps=steps, warmup=warmup, compare=compare or [])
+
+
+@app.command()
+def tiny(
+    out: Path = typer.Argument(..., help="Folder to write the model into."),
+    family: str = typer.Option("sd", "--family", help="sd, sd2, sd-struct, sdxl, sdxl-refiner, sd3 or clip."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Build a tiny random-weight model, for trying recipes offline and in tests."""
+    from sdkit.tiny import build_by_name
+
+    typer.echo(f"wrote {build_by_name(family, out, seed=seed)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Model families and how sdkit tells them apart (model_index.json `_class_name`)."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from sdkit.errors import UserError
+
+# name -> (module, class); modules import torch, so they load only when asked for.
+FAMILIES = {
+    "sd": ("sdkit.families.sd", "StableDiffusion"),
+    "sdxl": ("sdkit.families.sdxl", "StableDiffusionXL"),
+    "sd3": ("sdkit.families.sd3", "StableDiffusion3"),
+}
+
+# model_index.json _class_name -> family name; kept here so detection needs no torch.
+DETECT = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+}
+
+
+def family_class(name: str):
+    if name not in FAMILIES:
+        raise UserError(f"model.family: unknown family '{name}' (known: {', '.join(FAMILIES)})")
+    module, cls = FAMILIES[name]
+    try:
+        return getattr(import_module(module), cls)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            raise UserError(f"model.family: family '{name}' is not available in this sdkit version") from None
+        raise
+
+
+def detect_family(pretrained: str, revision=None, key: str = "model.pretrained") -> str:
+    """Family name from the model's model_index.json."""
+    from sdkit.models import read_model_index
+
+    index = read_model_index(pretrained, revision)
+    class_name = index.get("_class_name", "?")
+    if class_name not in DETECT:
+        raise UserError(
+            f"{key}: '{pretrained}' is a {class_name}, which sdkit does not support yet "
+            f"(supported: {', '.join(sorted(set(DETECT)))})"
+        )
+    return DETECT[class_name]
+
+
+def resolve_family_name(model_cfg) -> str:
+    if model_cfg.family != "auto":
+        return model_cfg.family
+    return detect_family(model_cfg.pretrained, model_cfg.revision)

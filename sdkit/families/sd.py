@@ -1,0 +1,39 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet, DDPM noise.
+
+SD 2.x v-prediction needs no branch: the objective reads `prediction_type` from the
+scheduler config the model ships.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdkit.families.base import Family
+
+
+def clip_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+
+    @classmethod
+    def load_overrides(cls, model_cfg, dtype):
+        # Training never needs the NSFW checker; leaving it out saves ~1.2 GB.
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def encode_text(self, captions):
+        encoder = self.components["text_encoder"]
+        ids = clip_token_ids(self.components["tokenizer"], captions).to(encoder.device)
+        return {"prompt_embeds": encoder(ids, return_dict=False)[0]}
+
+    def conditioning(self, text, batch, resolution):
+        return {"encoder_hidden_states": text["prompt_embeds"]}

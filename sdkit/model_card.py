@@ -1,0 +1,52 @@
+"""README.md model card for a training run (the Hugging Face hub reads its YAML header)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from sdkit.recipe import Recipe
+
+USAGE = {
+    "full": """```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{run}")
+image = pipe("{prompt}").images[0]
+```""",
+    "lora": """```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{run}")
+image = pipe("{prompt}").images[0]
+```""",
+}
+
+
+def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, final_loss: Optional[float]) -> Path:
+    prompt = (recipe.validation.prompts or [recipe.data.instance_prompt or "a photo"])[0]
+    method = recipe.method.type
+    lines = [
+        "---",
+        f"base_model: {recipe.model.pretrained}",
+        "library_name: diffusers",
+        "tags: [sdkit, text-to-image, stable-diffusion" + (", lora" if method == "lora" else "") + "]",
+        "---",
+        "",
+        f"# {Path(run_dir).name}",
+        "",
+        f"{'LoRA' if method == 'lora' else 'Full fine-tune'} of `{recipe.model.pretrained}` ({family}) "
+        f"trained with sdkit for {steps} steps on `{recipe.data.dataset}` at {recipe.data.resolution} px.",
+        "",
+        f"- learning rate {recipe.optim.lr} ({recipe.optim.name}, {recipe.optim.lr_scheduler})",
+        f"- batch size {recipe.train.batch_size} x {recipe.train.gradient_accumulation} accumulation",
+        f"- mixed precision {recipe.train.mixed_precision}",
+    ]
+    if method == "lora":
+        lines.append(f"- LoRA rank {recipe.method.rank}, alpha {recipe.method.alpha or recipe.method.rank}")
+    if final_loss is not None:
+        lines.append(f"- final training loss {final_loss:.4f}")
+    lines += ["", "## Use", "", USAGE[method].format(run=run_dir, base=recipe.model.pretrained, prompt=prompt), "",
+              "The full recipe is in `recipe.yaml`; rerun it with `sdkit train recipe.yaml`.", ""]
+    path = Path(run_dir) / "README.md"
+    path.write_text("\n".join(lines))
+    return path
