@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from sdkit.errors import UserError
 from sdkit.recipe import DataConfig
@@ -117,17 +117,18 @@ class _HubRows:
 
 # ---------------------------------------------------------------- loading
 
-def load_records(cfg: DataConfig, *, log: Log = print) -> list[Record]:
+def load_records(cfg: DataConfig, *, log: Log = print, progress: bool = True) -> list[Record]:
     """Every usable sample of `cfg.dataset`, in a stable order, captions resolved.
 
     Local image files are checked once here (each one decoded); unreadable ones are skipped
     with one summary line, or stop the run when `bad_images=error`. Hub rows are not scanned
     (too slow for big sets): a broken row raises when it is first loaded.
+    `progress=False` hides the scan's progress bar (e.g. on every rank but the first).
     """
     source = os.path.expanduser(cfg.dataset)
     root = Path(source)
     if root.is_dir():
-        records = _load_folder(root, cfg, log)
+        records = _load_folder(root, cfg, log, progress)
     elif root.is_file():
         records = _load_with_datasets(cfg, log, data_files=root)
     elif _looks_like_path(cfg.dataset):
@@ -143,11 +144,12 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
 
 
-def _load_folder(root: Path, cfg: DataConfig, log: Log) -> list[Record]:
+def _load_folder(root: Path, cfg: DataConfig, log: Log, progress: bool) -> list[Record]:
     for folder in (root, root / cfg.split):
         for name in ("metadata.jsonl", "metadata.csv"):
             if (folder / name).is_file():
-                return _scan(_metadata_records(folder, folder / name, cfg, display_root=root), cfg, log)
+                records = _metadata_records(folder, folder / name, cfg, display_root=root)
+                return _scan(records, cfg, log, progress)
     if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
         return _load_with_datasets(cfg, log, saved=root)
     images = _image_files(root)
@@ -155,7 +157,7 @@ def _load_folder(root: Path, cfg: DataConfig, log: Log) -> list[Record]:
         if any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in root.rglob("*") if p.is_file()):
             return _load_with_datasets(cfg, log, data_dir=root)
         raise UserError(f"data.dataset: no images found in folder '{cfg.dataset}'")
-    return _scan(_caption_file_records(root, images, cfg), cfg, log)
+    return _scan(_caption_file_records(root, images, cfg), cfg, log, progress)
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -271,7 +273,7 @@ def check_image(path: Path) -> Optional[str]:
         return _reason(e)
 
 
-def _scan(records: list[Record], cfg: DataConfig, log: Log) -> list[Record]:
+def _scan(records: list[Record], cfg: DataConfig, log: Log, progress: bool) -> list[Record]:
     """The first `max_samples` records whose image decodes; the others are skipped with one
     summary line, or stop the run when `bad_images=error`."""
     limit = _limit(cfg)
@@ -281,7 +283,7 @@ def _scan(records: list[Record], cfg: DataConfig, log: Log) -> list[Record]:
     workers = min(8, os.cpu_count() or 1)  # PIL releases the GIL while decoding
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(check_image, [r.path for r in records])
-        if len(records) >= SHOW_PROGRESS_FROM and limit >= SHOW_PROGRESS_FROM:
+        if progress and len(records) >= SHOW_PROGRESS_FROM and limit >= SHOW_PROGRESS_FROM:
             results = _with_progress(results, len(records))
         try:
             for record, why in zip(records, results):
@@ -353,6 +355,8 @@ def _load_with_datasets(cfg: DataConfig, log: Log, *, saved: Optional[Path] = No
     if cfg.instance_prompt is None and cfg.caption_column not in columns:
         raise UserError(f"data.caption_column: '{cfg.caption_column}' is not a column of '{cfg.dataset}' "
                         f"(columns: {', '.join(columns)})")
+    # Taken before select(): a row's identity must not depend on max_samples.
+    fingerprint = getattr(dataset, "_fingerprint", None) or cfg.split
     if cfg.max_samples is not None and cfg.max_samples < len(dataset):
         dataset = dataset.select(range(cfg.max_samples))
 
@@ -364,7 +368,6 @@ def _load_with_datasets(cfg: DataConfig, log: Log, *, saved: Optional[Path] = No
     if saved is not None or data_dir is not None or data_files is not None:
         local = saved or data_dir or data_files.parent
         rows.base_dir = local
-    fingerprint = getattr(dataset, "_fingerprint", None) or cfg.split
     return [
         Record(name=f"{cfg.dataset}[{i}]", caption=caption, identity=f"{cfg.dataset}@{fingerprint}[{i}]",
                rows=rows, row=i)
@@ -397,8 +400,8 @@ def resize_and_crop(image: Image.Image, resolution: int, flip: bool,
     coordinates diffusers' SDXL training script uses for its crop micro-conditioning.
     """
     width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
+    short = min(width, height)
+    size = (width * resolution // short, height * resolution // short)  # exact integer scaling
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     if flip:

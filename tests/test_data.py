@@ -123,14 +123,33 @@ def test_corrupt_image_skipped_and_reported(tmp_path):
     assert len(lines) == 1 and "1 unreadable" in lines[0] and "img1.png" in lines[0]
 
 
-def test_truncated_image_is_caught(tmp_path):
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_image_is_caught(tmp_path, suffix):
+    """Image.verify() passes a truncated JPEG; the scan decodes, so it catches both."""
     write_images(tmp_path, n=2, captions="txt", size=(64, 64))
-    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / "img0.png")
-    data = (tmp_path / "img0.png").read_bytes()
-    (tmp_path / "img0.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "img0.png").unlink()
+    (tmp_path / "img0.txt").rename(tmp_path / "bad.txt")
+    Image.effect_noise((64, 64), 50).convert("RGB").save(tmp_path / f"bad{suffix}")
+    data = (tmp_path / f"bad{suffix}").read_bytes()
+    (tmp_path / f"bad{suffix}").write_bytes(data[: len(data) // 2])
     lines = []
     assert [r.name for r in load_records(cfg(tmp_path), log=lines.append)] == ["img1.png"]
-    assert "img0.png" in lines[0]
+    assert f"bad{suffix}" in lines[0] and "truncated" in lines[0]
+
+
+def test_transparency_on_white_and_exif_rotation(tmp_path):
+    image = Image.new("RGBA", (6, 4), (255, 0, 0, 255))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    image.save(tmp_path / "a.png")
+    rotated = Image.new("RGB", (6, 4), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise when shown
+    rotated.save(tmp_path / "b.jpg", exif=exif)
+    a, b = load_records(cfg(tmp_path, instance_prompt="x"))
+    loaded = a.load_image()
+    assert loaded.mode == "RGB" and loaded.getpixel((0, 0)) == (255, 255, 255)
+    assert loaded.getpixel((1, 0)) == (255, 0, 0)
+    assert b.load_image().size == (4, 6)
 
 
 def test_corrupt_image_error_policy_names_file(tmp_path):
@@ -153,6 +172,14 @@ def test_all_images_bad_names_dataset(tmp_path):
     write_corrupt(tmp_path / "img0.png")
     with pytest.raises(UserError, match="data.dataset"):
         load_records(cfg(tmp_path), log=lambda _: None)
+
+
+def test_many_images_scan_with_progress_bar(tmp_path):
+    write_images(tmp_path, n=210, size=(2, 2), captions="none")
+    write_corrupt(tmp_path / "img7.png")
+    lines = []
+    records = load_records(cfg(tmp_path, instance_prompt="p"), log=lines.append)
+    assert len(records) == 209 and len(lines) == 1 and "img7.png" in lines[0]
 
 
 # ---------------------------------------------------------------- datasets library
@@ -181,6 +208,8 @@ def test_parquet_folder_through_load_dataset(tmp_path):
     records = load_records(cfg(tmp_path / "pq", max_samples=2))
     assert [r.caption for r in records] == ["row 0", "row 1"]
     assert records[0].load_image().getpixel((0, 0)) == COLOURS[0]
+    # a row's cache identity does not depend on how many rows were kept
+    assert [r.identity for r in load_records(cfg(tmp_path / "pq"))][:2] == [r.identity for r in records]
 
 
 def test_dataset_missing_columns_are_named(tmp_path):
