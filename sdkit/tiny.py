@@ -230,7 +230,10 @@ def build_tiny_sd(path, *, v_prediction: bool = False, sd_structure: bool = Fals
 
 # ---------------------------------------------------------------------------- SDXL
 
-_SDXL_TEXT_HIDDEN = 32  # each of the two text encoders
+# The two text encoders differ in width as in SDXL (768 vs 1280): diffusers' single-file
+# loader tells them apart by width, and equal widths would load encoder 1 into encoder 2.
+_SDXL_TEXT_HIDDEN = 32  # text_encoder (CLIP ViT-L in SDXL)
+_SDXL_TEXT_HIDDEN_2 = 64  # text_encoder_2 (OpenCLIP bigG in SDXL)
 _SDXL_PROJECTION = 32  # text_encoder_2 projection = pooled text_embeds width
 _SDXL_TIME_EMBED = 8
 
@@ -270,7 +273,7 @@ def build_tiny_sdxl(path, *, refiner: bool = False, seed: int = 0) -> Path:
 
     vae = _vae(seed + 1, latent_channels=4, scaling_factor=0.13025, force_upcast=True)
     text_encoder_2 = _clip_text_model(
-        seed + 3, with_projection=True, hidden_size=_SDXL_TEXT_HIDDEN, hidden_act="gelu",
+        seed + 3, with_projection=True, hidden_size=_SDXL_TEXT_HIDDEN_2, hidden_act="gelu",
         projection_dim=_SDXL_PROJECTION,
     )
     scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
@@ -281,7 +284,7 @@ def build_tiny_sdxl(path, *, refiner: bool = False, seed: int = 0) -> Path:
             text_encoder_2=text_encoder_2,
             tokenizer=None,
             tokenizer_2=tiny_clip_tokenizer(),
-            unet=_sdxl_unet(seed + 4, cross_attention_dim=_SDXL_TEXT_HIDDEN, n_time_ids=5),
+            unet=_sdxl_unet(seed + 4, cross_attention_dim=_SDXL_TEXT_HIDDEN_2, n_time_ids=5),
             scheduler=scheduler,
             requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False,
@@ -293,7 +296,7 @@ def build_tiny_sdxl(path, *, refiner: bool = False, seed: int = 0) -> Path:
             text_encoder_2=text_encoder_2,
             tokenizer=tiny_clip_tokenizer(),
             tokenizer_2=tiny_clip_tokenizer(),
-            unet=_sdxl_unet(seed, cross_attention_dim=2 * _SDXL_TEXT_HIDDEN, n_time_ids=6),
+            unet=_sdxl_unet(seed, cross_attention_dim=_SDXL_TEXT_HIDDEN + _SDXL_TEXT_HIDDEN_2, n_time_ids=6),
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
         )
@@ -302,8 +305,11 @@ def build_tiny_sdxl(path, *, refiner: bool = False, seed: int = 0) -> Path:
 
 # ---------------------------------------------------------------------------- SD3
 
+# Widths differ as in SD3 (CLIP-L 768, CLIP-G 1280, T5 4096): T5 is wider than both CLIPs
+# together, so the pipeline pads (never truncates) the CLIP embeddings to T5's width.
 _SD3_CLIP_HIDDEN = 32
-_SD3_T5_DIM = 64  # >= both CLIP widths concatenated, so the pipeline pads (never truncates) them, as in SD3
+_SD3_CLIP_HIDDEN_2 = 64
+_SD3_T5_DIM = 128
 
 
 def build_tiny_sd3(path, *, seed: int = 0) -> Path:
@@ -322,16 +328,21 @@ def build_tiny_sd3(path, *, seed: int = 0) -> Path:
             num_attention_heads=4,
             joint_attention_dim=_SD3_T5_DIM,
             caption_projection_dim=32,
-            pooled_projection_dim=2 * _SD3_CLIP_HIDDEN,
+            pooled_projection_dim=_SD3_CLIP_HIDDEN + _SD3_CLIP_HIDDEN_2,
             pos_embed_max_size=32,
         ).eval()
     vae = _vae(
         seed + 1, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
         use_quant_conv=False, use_post_quant_conv=False,
     )
-    clip_kwargs = dict(with_projection=True, hidden_size=_SD3_CLIP_HIDDEN, projection_dim=_SD3_CLIP_HIDDEN)
-    text_encoder = _clip_text_model(seed + 2, hidden_act="quick_gelu", **clip_kwargs)
-    text_encoder_2 = _clip_text_model(seed + 3, hidden_act="gelu", **clip_kwargs)
+    text_encoder = _clip_text_model(
+        seed + 2, with_projection=True, hidden_size=_SD3_CLIP_HIDDEN, projection_dim=_SD3_CLIP_HIDDEN,
+        hidden_act="quick_gelu",
+    )
+    text_encoder_2 = _clip_text_model(
+        seed + 3, with_projection=True, hidden_size=_SD3_CLIP_HIDDEN_2, projection_dim=_SD3_CLIP_HIDDEN_2,
+        hidden_act="gelu",
+    )
     t5_config = T5Config(
         vocab_size=_t5_vocab_size(), d_model=_SD3_T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
@@ -443,3 +454,24 @@ def make_image_folder(path, n: int = 4, size: int = 32, captions: str = "metadat
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     return path
+
+
+BUILDERS = {
+    "sd": lambda out, seed: build_tiny_sd(out, seed=seed),
+    "sd2": lambda out, seed: build_tiny_sd(out, v_prediction=True, seed=seed),
+    "sd-struct": lambda out, seed: build_tiny_sd(out, sd_structure=True, seed=seed),
+    "sdxl": lambda out, seed: build_tiny_sdxl(out, seed=seed),
+    "sdxl-refiner": lambda out, seed: build_tiny_sdxl(out, refiner=True, seed=seed),
+    "sd3": lambda out, seed: build_tiny_sd3(out, seed=seed),
+    "clip": lambda out, seed: build_tiny_clip(out, seed=seed),
+    "images": lambda out, seed: make_image_folder(out, seed=seed),
+}
+
+
+def build_by_name(name: str, out, *, seed: int = 0) -> Path:
+    """`sdkit tiny OUT --family NAME`: one of BUILDERS."""
+    from sdkit.errors import UserError
+
+    if name not in BUILDERS:
+        raise UserError(f"--family: unknown tiny model '{name}' (known: {', '.join(BUILDERS)})")
+    return BUILDERS[name](out, seed)
