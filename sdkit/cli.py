@@ -175,8 +175,16 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {one_line(str(e))}", err=True)
         sys.exit(e.exit_code)
+
+
+def one_line(message: str) -> str:
+    """A UserError raised in a DataLoader worker comes back wrapped in the worker's traceback."""
+    if "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        return last.split("UserError: ", 1)[-1]
+    return message
 
 
 if __name__ == "__main__":

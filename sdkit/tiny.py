@@ -256,7 +256,6 @@ def _sdxl_unet(seed: int, *, cross_attention_dim: int, n_time_ids: int):
             transformer_layers_per_block=(1, 2),
             cross_attention_dim=cross_attention_dim,
             addition_embed_type="text_time",
-            addition_embed_type_num_heads=64,
             addition_time_embed_dim=_SDXL_TIME_EMBED,
             projection_class_embeddings_input_dim=_SDXL_PROJECTION + n_time_ids * _SDXL_TIME_EMBED,
             norm_num_groups=32,

@@ -207,6 +207,7 @@ class Trainer:
         # one per rank, saved in every checkpoint: resumed runs draw exactly the same numbers.
         self.noise_rng = torch.Generator().manual_seed(r.train.seed * 1000 + acc.process_index)
         self.state = Progress()
+        self.loss_history: list[float] = []  # this rank's loss per optimizer step
         ckpt = find_resume_checkpoint(r)
         if ckpt is not None:
             self._load_checkpoint(ckpt)
@@ -221,7 +222,7 @@ class Trainer:
         from sdkit.data import EpochSampler, TrainDataset, collate, load_records
 
         r, acc = self.recipe, self.accelerator
-        records = load_records(r.data, log=self._log)
+        records = load_records(r.data, log=self._log, progress=acc.is_main_process)
         dataset = TrainDataset(records, r.data, seed=r.train.seed)
         collate_fn = collate
         self.cached = False
@@ -336,6 +337,7 @@ class Trainer:
                         self.ema.update(acc.unwrap_model(self.modules[0]), st.step)
                     lr = self.lr_scheduler.get_last_lr()[0]
                     self.last_loss = window_loss
+                    self.loss_history.append(window_loss)
                     bar.update(task, completed=st.step, loss=f"{window_loss:.4f}", lr=f"{lr:.2e}")
                     if st.step % r.logging.every == 0 or st.step == self.total_steps:
                         mean = acc.reduce(torch.tensor(window_loss, device=acc.device), reduction="mean").item()
@@ -461,6 +463,11 @@ class Trainer:
                 self._log(f"wrote {path}")
         acc.wait_for_everyone()
         return self.run_dir
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The denoiser's trainable weights (full: all; LoRA: the adapters), on CPU."""
+        module = self.accelerator.unwrap_model(self.modules[0])
+        return {k: v.detach().cpu().clone() for k, v in self.adapter.trainable_state(module).items()}
 
     # -- output
     def _log(self, msg: str) -> None:

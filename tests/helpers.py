@@ -1,0 +1,71 @@
+"""Small helpers the training tests share."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sdkit.recipe import load_recipe
+
+
+def write_recipe(tmp_path: Path, model, data, out, **sections) -> Path:
+    """A recipe file for a tiny run; sections are merged into the defaults below."""
+    recipe = {
+        "model": {"pretrained": str(model)},
+        "method": {"type": "lora", "rank": 4},
+        "data": {"dataset": str(data), "resolution": 32},
+        "train": {"batch_size": 4, "max_steps": 20, "checkpoint_every": 1000, "seed": 0},
+        "optim": {"lr": 1e-3},
+        "logging": {"tensorboard": False},
+        "output_dir": str(out),
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path = Path(tmp_path) / f"recipe-{Path(out).name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def train_recipe(path: Path, overrides=()):
+    """Train in this process; returns the Trainer (loss history, trainable state)."""
+    from sdkit.trainer import Trainer
+
+    trainer = Trainer(load_recipe(path, list(overrides)))
+    trainer.fit()
+    return trainer
+
+
+def loss_fell(history: list[float], window: int = 10, factor: float = 0.7) -> tuple[bool, float, float]:
+    first = sum(history[:window]) / window
+    last = sum(history[-window:]) / window
+    return last < factor * first, first, last
+
+
+def kill_after_checkpoint(recipe: Path, run_dir: Path, overrides=(), timeout: float = 300) -> int:
+    """Start `sdkit train` in a subprocess, SIGKILL it once a checkpoint is complete."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdkit", "train", str(recipe), *overrides],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + timeout
+    ckpts = Path(run_dir) / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if any((d / "sdkit_state.json").is_file() for d in ckpts.glob("checkpoint-*")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    code = proc.wait(timeout=60)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    assert code == -signal.SIGKILL, f"training was not killed mid-run (exit {code}):\n{err[-2000:]}"
+    return code

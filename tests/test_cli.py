@@ -1,0 +1,68 @@
+"""The command line: instant help, one-line errors with exit code 2, dry runs."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SDKIT = [sys.executable, "-m", "sdkit"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*SDKIT, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=120)
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, sdkit.cli; print(any(m in sys.modules for m in ('torch', 'diffusers', 'peft')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert out.stdout.strip() == "False"
+    for args in (["--help"], ["train", "--help"]):
+        start = time.perf_counter()
+        result = run(*args)
+        elapsed = time.perf_counter() - start
+        assert result.returncode == 0
+        assert elapsed < 1.0, f"sdkit {' '.join(args)} took {elapsed:.2f}s"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.max_step=5", "did you mean 'train.max_steps'"),
+        ("train.batch_size=lots", "train.batch_size"),
+        ("data.dataset=./no/such/folder", "data.dataset"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(override, needle):
+    result = run("train", str(ROOT / "recipes" / "sd15-lora.yaml"), override, "--dry-run")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_recipe_file_exits_2():
+    result = run("train", "nope.yaml")
+    assert result.returncode == 2 and "nope.yaml" in result.stderr
+
+
+def test_dry_run_prints_resolved_recipe_and_plan(tmp_path):
+    result = run("train", str(ROOT / "recipes" / "sd15-pokemon-full.yaml"), "train.max_steps=7", "--dry-run",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 7" in result.stdout
+    assert "family: sd" in result.stdout and "method: full" in result.stdout
+    assert "effective batch 4" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tiny_builds_model_and_family_is_detected(tmp_path):
+    result = run("tiny", str(tmp_path / "sd"), "--family", "sd")
+    assert result.returncode == 0, result.stderr
+    from sdkit.families import detect_family
+
+    assert detect_family(str(tmp_path / "sd")) == "sd"

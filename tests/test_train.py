@@ -1,0 +1,186 @@
+"""The training loop on tiny SD 1.x / 2.x models: it learns, its results load in diffusers,
+resume is exact, and two processes train one model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import kill_after_checkpoint, loss_fell, train_recipe, write_recipe
+
+
+def generate(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    image = pipe("a red square", num_inference_steps=3, generator=g, height=32, width=32, output_type="np").images
+    return image[0]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from sdkit.tiny import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", n=4, size=32)
+
+
+@pytest.mark.parametrize("base", ["tiny_sd", "tiny_sd2"])
+def test_lora_learns_and_loads_with_diffusers(base, request, images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    model = request.getfixturevalue(base)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, model, images, out, train={"max_steps": 150}, optim={"lr": 3e-3},
+                          method={"type": "lora", "rank": 8})
+    trainer = train_recipe(recipe)
+    fell, first, last = loss_fell(trainer.loss_history, window=20)
+    assert fell, f"loss did not fall: first {first:.4f} last {last:.4f}"
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "recipe.yaml").is_file() and (out / "README.md").is_file()
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    before = generate(pipe)
+    pipe.load_lora_weights(out)
+    after = generate(pipe)
+    assert np.abs(after - before).max() > 1e-3
+    # The LoRA as loaded equals the LoRA as trained.
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert len(saved) == len(trainer.trainable_state())
+
+
+@pytest.mark.parametrize("base", ["tiny_sd", "tiny_sd2"])
+def test_full_finetune_learns_and_loads_with_diffusers(base, request, images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    model = request.getfixturevalue(base)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, model, images, out, method={"type": "full"}, optim={"lr": 1e-3},
+                          train={"max_steps": 120, "ema": True, "ema_decay": 0.9},
+                          validation={"prompts": ["a red square"], "every": 60, "steps": 2})
+    trainer = train_recipe(recipe)
+    fell, first, last = loss_fell(trainer.loss_history, window=20)
+    assert fell, f"loss did not fall: first {first:.4f} last {last:.4f}"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000060", "step-0000120"]
+
+    tuned = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    base_pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    assert tuned.scheduler.config.prediction_type == base_pipe.scheduler.config.prediction_type
+    assert np.abs(generate(tuned) - generate(base_pipe)).max() > 1e-3
+
+
+def test_v_prediction_is_read_from_the_scheduler(tiny_sd, tiny_sd2):
+    from sdkit.objectives import DDPMObjective
+    from sdkit.recipe import TrainConfig
+    from sdkit.models import read_model_index  # noqa: F401  (import check)
+
+    cfg = TrainConfig(max_steps=1)
+    sd1 = json.loads((Path(tiny_sd) / "scheduler" / "scheduler_config.json").read_text())
+    sd2 = json.loads((Path(tiny_sd2) / "scheduler" / "scheduler_config.json").read_text())
+    assert DDPMObjective(sd1, cfg).prediction_type == "epsilon"
+    assert DDPMObjective(sd2, cfg).prediction_type == "v_prediction"
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_sd, images, tmp_path):
+    steps = {"max_steps": 40, "checkpoint_every": 10, "checkpoints_keep": 2, "batch_size": 2,
+             "gradient_accumulation": 2}
+    straight = train_recipe(write_recipe(tmp_path, tiny_sd, images, tmp_path / "straight", train=steps))
+
+    out = tmp_path / "killed"
+    recipe = write_recipe(tmp_path, tiny_sd, images, out, train={**steps, "resume": "auto"})
+    kill_after_checkpoint(recipe, out)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    resumed = train_recipe(recipe)
+    assert resumed.state.step == straight.state.step == 40
+    assert len(resumed.loss_history) < 40  # it really started from a checkpoint
+
+    a, b = straight.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-6, f"resumed weights differ by {diff}"
+    saved_a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    saved_b = load_file(out / "pytorch_lora_weights.safetensors")
+    assert saved_a.keys() == saved_b.keys()
+    # Rotation kept at most 2 complete checkpoints.
+    assert len(list((out / "checkpoints").glob("checkpoint-*"))) <= 2
+
+
+def test_incomplete_checkpoint_is_never_resumed(tiny_sd, images, tmp_path):
+    from sdkit.recipe import load_recipe
+    from sdkit.trainer import find_resume_checkpoint
+
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_sd, images, out, train={"max_steps": 4, "checkpoint_every": 2, "resume": "auto"})
+    train_recipe(recipe)
+    # A save that crashed midway leaves only a temporary folder or one without the state file.
+    (out / "checkpoints" / ".tmp-checkpoint-0000006").mkdir()
+    (out / "checkpoints" / "checkpoint-0000008").mkdir()
+    assert find_resume_checkpoint(load_recipe(recipe)).name == "checkpoint-0000002"
+
+
+RANK_SCRIPT = """
+import json, sys
+from safetensors.torch import save_file
+from sdkit.recipe import load_recipe
+from sdkit.trainer import Trainer
+
+trainer = Trainer(load_recipe(sys.argv[1]))
+seen = []
+compute = trainer.compute_loss
+def recording(batch):
+    seen.extend(int(i) for i in batch["index"])
+    return compute(batch)
+trainer.compute_loss = recording
+trainer.fit()
+rank = trainer.accelerator.process_index
+out = sys.argv[2]
+json.dump({"seen": seen, "world": trainer.accelerator.num_processes}, open(f"{out}/seen-{rank}.json", "w"))
+save_file(trainer.trainable_state(), f"{out}/weights-{rank}.safetensors")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_shard_data_and_agree_on_weights(tiny_sd, tmp_path):
+    from sdkit.tiny import make_image_folder
+
+    data = make_image_folder(tmp_path / "images", n=8, size=32)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_sd, data, out, train={"max_steps": 6, "batch_size": 2})
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    (tmp_path / "results").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517", "--num_cpu_threads_per_process", "1",
+           str(script), str(recipe), str(tmp_path / "results")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / "results" / f"seen-{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["world"] == 2 for s in seen)
+    first_epoch = [set(s["seen"][:4]) for s in seen]  # 8 images, 2 ranks x batch 2 x 2 batches per epoch
+    assert not first_epoch[0] & first_epoch[1], "ranks saw the same images"
+    assert first_epoch[0] | first_epoch[1] == set(range(8))
+    w0 = load_file(tmp_path / "results" / "weights-0.safetensors")
+    w1 = load_file(tmp_path / "results" / "weights-1.safetensors")
+    assert max((w0[k] - w1[k]).abs().max().item() for k in w0) == 0.0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sdkit_train_relaunches_through_accelerate(tiny_sd, images, tmp_path):
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nnum_machines: 1\nmixed_precision: 'no'\n"
+                      "main_process_port: 29518\ndynamo_config: {}\n")
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_sd, images, out, train={"max_steps": 3, "batch_size": 2})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "sdkit", "train", str(recipe), "--accelerate-config", str(config)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "launching:" in result.stderr
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
