@@ -164,3 +164,14 @@ def test_image_folder_txt_and_none_layouts_and_sizes(tmp_path):
 def test_importing_tiny_does_not_import_torch():
     code = "import sys, sdkit.tiny; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_text_encoders_differ_in_width_as_the_real_models(tiny_sdxl, tiny_sd3):
+    # diffusers' single-file loader tells the CLIPs apart by width; equal widths mix them up.
+    def width(folder, name):
+        return json.loads((folder / name / "config.json").read_text())["hidden_size"]
+
+    assert width(tiny_sdxl, "text_encoder") != width(tiny_sdxl, "text_encoder_2")
+    assert width(tiny_sd3, "text_encoder") != width(tiny_sd3, "text_encoder_2")
+    t5 = json.loads((tiny_sd3 / "text_encoder_3" / "config.json").read_text())["d_model"]
+    assert t5 >= width(tiny_sd3, "text_encoder") + width(tiny_sd3, "text_encoder_2")
