@@ -27,6 +27,8 @@ def _lora_config(method, targets):
 
 class FullFineTune:
     kind = "full"
+    # Checkpoints hold every weight (accelerate's default model saving).
+    checkpoints_adapters_only = False
 
     def __init__(self, method):
         self.method = method
@@ -55,6 +57,8 @@ class FullFineTune:
 
 class LoRA:
     kind = "lora"
+    # Checkpoints hold only the adapters: an SDXL LoRA checkpoint is megabytes, not the 5 GB UNet.
+    checkpoints_adapters_only = True
 
     def __init__(self, method):
         self.method = method
@@ -77,6 +81,14 @@ class LoRA:
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(module)
+
+    def load_trainable_state(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(module, state)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RuntimeError(f"LoRA checkpoint does not match the model: unexpected keys {unexpected[:3]}")
 
     def save(self, family: Family, modules: list[torch.nn.Module], out: Path) -> list[Path]:
         import diffusers

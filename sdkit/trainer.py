@@ -198,6 +198,9 @@ class Trainer:
         )
         if r.train.compile:
             modules[0] = torch.compile(modules[0])
+        if self.adapter.checkpoints_adapters_only:
+            acc.register_save_state_pre_hook(self._save_adapters_hook)
+            acc.register_load_state_pre_hook(self._load_adapters_hook)
         prepared = acc.prepare(*modules, optimizer, lr_scheduler)
         self.modules = list(prepared[: len(modules)])
         self.optimizer, self.lr_scheduler = prepared[len(modules) :]
@@ -391,6 +394,25 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
+    def _save_adapters_hook(self, models, weights, output_dir) -> None:
+        """accelerate save_state hook: write adapter weights instead of whole models."""
+        from safetensors.torch import save_file
+
+        if not weights:  # DeepSpeed/FSDP save their own way
+            return
+        for i, model in enumerate(models):
+            state = self.adapter.trainable_state(self.accelerator.unwrap_model(model))
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, f"{output_dir}/adapters_{i}.safetensors")
+        weights.clear()
+
+    def _load_adapters_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        for i, model in enumerate(models):
+            state = load_file(f"{input_dir}/adapters_{i}.safetensors")
+            self.adapter.load_trainable_state(self.accelerator.unwrap_model(model), state)
+        models.clear()
+
     def _load_checkpoint(self, ckpt: Path) -> None:
         from safetensors.torch import load_file
 
@@ -426,11 +448,14 @@ class Trainer:
             out = self.run_dir / "samples" / f"step-{self.state.step:07d}"
             out.mkdir(parents=True, exist_ok=True)
             res = self.recipe.data.resolution
+            refiner = self._refiner()
+            if refiner is not None:
+                refiner.to(acc.device)
             with torch.no_grad(), acc.autocast():
                 for i, prompt in enumerate(v.prompts):
                     images = make_images(
                         pipe, prompt, negative_prompt=v.negative_prompt, steps=v.steps, guidance=v.guidance,
-                        seed=v.seed, num_images=v.num_images, width=res, height=res,
+                        seed=v.seed, num_images=v.num_images, width=res, height=res, refiner=refiner,
                     )
                     for k, image in enumerate(images):
                         path = out / f"{i:02d}-{k}.png"
@@ -438,10 +463,24 @@ class Trainer:
                         paths.append(path)
             for m in moved:
                 m.to("cpu")
+            if refiner is not None:
+                refiner.to("cpu")
             denoiser.train(was_training)
             self._log(f"samples {out}")
         acc.wait_for_everyone()
         return paths
+
+    def _refiner(self):
+        """The SDXL refiner for validation images (model.refiner), loaded on first use."""
+        ref = self.recipe.model.refiner
+        if not ref:
+            return None
+        if getattr(self, "_refiner_pipe", None) is None:
+            from diffusers import DiffusionPipeline
+
+            # Kept on the CPU between validations: it must not cost training memory.
+            self._refiner_pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=self.weight_dtype)
+        return self._refiner_pipe
 
     # -- the end
     def _finish(self) -> Path:

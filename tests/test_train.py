@@ -184,3 +184,22 @@ def test_sdkit_train_relaunches_through_accelerate(tiny_sd, images, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "launching:" in result.stderr
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_memory_savers_and_loss_options_train(tiny_sd, images, tmp_path):
+    """8-bit AdamW, bf16 autocast, gradient checkpointing, min-SNR, noise offset, warm-up, TensorBoard."""
+    out = tmp_path / "run"
+    recipe = write_recipe(
+        tmp_path, tiny_sd, images, out,
+        train={"max_steps": 6, "mixed_precision": "bf16", "gradient_checkpointing": True, "snr_gamma": 5.0,
+               "noise_offset": 0.05},
+        optim={"name": "adamw8bit", "lr_scheduler": "cosine", "warmup_steps": 2},
+        logging={"tensorboard": True, "every": 2},
+    )
+    trainer = train_recipe(recipe)
+    assert trainer.state.step == 6 and all(np.isfinite(trainer.loss_history))
+    assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert trainer.family.denoiser.is_gradient_checkpointing
+    lora = trainer.trainable_state()
+    assert all(v.dtype == torch.float32 for v in lora.values())  # adapters train in fp32 under bf16
+    assert list((out / "logs").rglob("events.out.tfevents*"))
