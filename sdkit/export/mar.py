@@ -1,0 +1,353 @@
+"""`sdkit export --format mar`: a TorchServe model archive plus the config KServe's runtime reads.
+
+Output, ready to copy to a bucket (KServe's `storageUri` points at OUT):
+
+    OUT/config/config.properties   TorchServe config: addresses, model_snapshot, timeouts, sizes
+    OUT/model-store/NAME.mar       sdkit_handler.py, sdkit_serve.json, model-config.yaml,
+                                   pipeline/ (diffusers folder, safetensors), refiner/, lora/
+
+The diffusers files go into the archive as they are (no model.zip inside the .mar: TorchServe
+unpacks the archive once and the handler loads the folder). `no-archive` writes the unpacked
+folder instead of a zip and `tgz` a .tar.gz, for models too large to zip comfortably.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from sdkit.atomic import atomic_dir, atomic_write_path
+from sdkit.errors import UserError
+from sdkit.models import LORA_FILE, ResolvedModel, read_model_index, resolve_lora
+
+HANDLER_SOURCE = Path(__file__).with_name("handler.py")
+HANDLER_NAME = "sdkit_handler.py"  # a distinctive module name: TorchServe imports it by name
+SERVE_CONFIG = "sdkit_serve.json"  # must match handler.SERVE_CONFIG
+MODEL_CONFIG = "model-config.yaml"
+ARCHIVE_FORMATS = {"default": ".mar", "zip-store": ".mar", "tgz": ".tar.gz", "no-archive": ""}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # torch-model-archiver's rule
+WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".pb", ".safetensors")
+
+# Timeouts in seconds: loading SDXL from a network volume and a 50-step 1024 px batch take minutes.
+STARTUP_TIMEOUT = 1200
+RESPONSE_TIMEOUT = 600
+DEFAULT_STEPS = 30
+MIN_RESPONSE_BYTES = 64 * 1024 * 1024  # TorchServe's default (6.5 MB) is too small for a batch of large PNGs
+
+# Where KServe's TorchServe runtime mounts the bucket, and the ports its wrapper expects.
+KSERVE_MODEL_STORE = "/mnt/models/model-store"
+KSERVE_PROPERTIES = {
+    "inference_address": "http://0.0.0.0:8085",
+    "management_address": "http://0.0.0.0:8085",
+    "metrics_address": "http://0.0.0.0:8082",
+    "grpc_inference_port": "7070",
+    "grpc_management_port": "7071",
+}
+
+
+def export_mar(
+    model: ResolvedModel,
+    *,
+    out: str | Path,
+    lora: Optional[str] = None,
+    refiner: Optional[str] = None,
+    name: Optional[str] = None,
+    archive_format: str = "default",
+    fuse_lora: bool = False,
+    max_steps: int = 50,
+    max_size: int = 1024,
+    max_batch: int = 4,
+    force: bool = False,
+    lora_scale: float = 1.0,
+) -> list[Path]:
+    """Write OUT/model-store/NAME.mar (or NAME/, NAME.tar.gz) and OUT/config/config.properties."""
+    if archive_format not in ARCHIVE_FORMATS:
+        raise UserError(f"--archive-format: '{archive_format}' is not one of {', '.join(ARCHIVE_FORMATS)}")
+    for flag, value, low in (("--max-steps", max_steps, 1), ("--max-size", max_size, 8), ("--max-batch", max_batch, 1)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"{flag}: must be an integer of at least {low}, got {value}")
+    name = name or default_name(model)
+    if not NAME_PATTERN.match(name):
+        raise UserError(f"--name: '{name}' may hold only letters, digits, '_', '-' and '.', and start with a letter or digit")
+
+    lora_file = _lora_file(lora, model)
+    if fuse_lora and lora_file is None:
+        raise UserError("--fuse-lora: there is no LoRA to fuse (pass --lora or a LoRA training run as --model)")
+    index = read_model_index(model.base)
+    if refiner is not None:
+        if "XL" not in str(index.get("_class_name", "")):
+            raise UserError(f"--refiner: only SDXL base models take a refiner; '{model.base}' is {index.get('_class_name')}")
+        read_model_index(refiner)  # fails early, naming the folder, when it is not a pipeline
+
+    out = Path(os.path.expanduser(str(out)))
+    store, config_dir = out / "model-store", out / "config"
+    archive = store / f"{name}{ARCHIVE_FORMATS[archive_format]}"
+    config_path = config_dir / "config.properties"
+    others = [store / f"{name}{ext}" for ext in set(ARCHIVE_FORMATS.values())]
+    existing = [p for p in others if p.exists()]
+    if existing and not force:
+        raise UserError(f"{existing[0]} already exists; pass --force to overwrite it")
+    store.mkdir(parents=True, exist_ok=True)
+
+    serve_config = {
+        "sdkit_serve": 1,
+        "pipeline": "pipeline",
+        "refiner": "refiner" if refiner else None,
+        "lora": f"lora/{LORA_FILE}" if lora_file and not fuse_lora else None,
+        "lora_scale": lora_scale,
+        "limits": {"max_steps": max_steps, "max_size": max_size, "max_batch": max_batch},
+        "defaults": {"steps": min(DEFAULT_STEPS, max_steps)},
+    }
+
+    def fill(stage: Path, *, link: bool) -> None:
+        stage_pipeline(model.base, stage / "pipeline", link=link, lora_file=lora_file if fuse_lora else None, lora_scale=lora_scale)
+        if refiner:
+            stage_pipeline(refiner, stage / "refiner", link=link)
+        if serve_config["lora"]:
+            (stage / "lora").mkdir()
+            _place(Path(lora_file), stage / "lora" / LORA_FILE, link=link)
+        shutil.copyfile(HANDLER_SOURCE, stage / HANDLER_NAME)
+        (stage / SERVE_CONFIG).write_text(json.dumps(serve_config, indent=2) + "\n")
+        (stage / MODEL_CONFIG).write_text(model_config_yaml())
+
+    manifest = _manifest(name)
+    for stale in existing:  # --force: a previous export of this name in another format goes too
+        if stale != archive:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if archive_format == "no-archive":
+        # Copies, never hard links: the folder outlives this call and must not change with the source.
+        with atomic_dir(archive, overwrite=True) as stage:
+            fill(stage, link=False)
+            _write_archive(stage, stage.name, stage.parent, manifest, archive_format)
+    else:
+        with tempfile.TemporaryDirectory(prefix=f".{name}.staging-", dir=store) as tmp:
+            stage = Path(tmp) / "content"
+            stage.mkdir()
+            fill(stage, link=True)  # hard links are fine here: the staging folder is deleted after zipping
+            _write_archive(stage, name, Path(tmp), manifest, archive_format)
+            with atomic_write_path(archive) as target:
+                os.replace(Path(tmp) / archive.name, target)
+
+    marname = archive.name
+    with atomic_write_path(config_path) as target:
+        target.write_text(config_properties(name, marname, max_size=max_size, max_batch=max_batch, previous=config_path))
+    return [archive, config_path]
+
+
+# ------------------------------------------------------------------------ naming, inputs
+
+
+def default_name(model: ResolvedModel) -> str:
+    """The run or model folder's name (or the hub id's last part), made archiver-safe."""
+    source = model.run_dir or model.base
+    base = Path(source.rstrip("/\\")).name if os.path.isdir(os.path.expanduser(source)) else source.split("/")[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9_\-.]+", "-", base).strip("-._") or "model"
+    return cleaned if cleaned[0].isalnum() else f"m{cleaned}"
+
+
+def _lora_file(lora: Optional[str], model: ResolvedModel) -> Optional[str]:
+    """A local LoRA file: --lora wins over a LoRA run's own; hub LoRAs are fetched to the cache."""
+    ref = resolve_lora(lora) if lora else model.lora
+    if ref is None or os.path.isfile(ref):
+        return ref
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(ref, LORA_FILE)
+    except Exception as e:  # offline, missing repo or file
+        raise UserError(f"--lora: cannot fetch {LORA_FILE} from '{ref}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------ staging the files
+
+
+def stage_pipeline(source: str, dest: Path, *, link: bool, lora_file: Optional[str] = None, lora_scale: float = 1.0) -> None:
+    """Put a loadable diffusers folder (safetensors only) at `dest`.
+
+    A local folder whose weights are all plain safetensors is linked/copied file by file,
+    keeping only what model_index.json names (a full fine-tune's run folder also holds
+    checkpoints and logs). Anything else (hub ids, .bin weights, variants only, a LoRA to
+    fuse) is loaded and saved again with safetensors.
+    """
+    folder = Path(os.path.expanduser(source))
+    if lora_file is None and folder.is_dir():
+        files = _plain_safetensors_files(folder)
+        if files is not None:
+            for rel in files:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                _place(folder / rel, dest / rel, link=link)
+            return
+    _resave_pipeline(source, dest, lora_file=lora_file, lora_scale=lora_scale)
+
+
+def _plain_safetensors_files(folder: Path) -> Optional[list[Path]]:
+    """Relative paths to copy, or None when a component's weights are not plain safetensors."""
+    index = json.loads((folder / "model_index.json").read_text())
+    files = [Path("model_index.json")]
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = folder / component
+        if not sub.is_dir():
+            return None
+        weights = []
+        for path in sorted(p for p in sub.rglob("*") if p.is_file()):
+            rel = path.relative_to(folder)
+            if path.name.endswith(WEIGHT_SUFFIXES):
+                if not path.name.endswith(".safetensors"):
+                    return None  # pickled weights: resave (never shipped as is)
+                if _is_variant(path.name):
+                    continue  # e.g. unet/diffusion_pytorch_model.fp16.safetensors beside the plain file
+                weights.append(rel)
+            elif path.name.endswith(".safetensors.index.json") and _is_variant(path.name.replace(".index.json", "")):
+                continue
+            else:
+                files.append(rel)  # configs, tokenizer files, sharding index
+        if not weights and component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            return None  # only variant weights: let diffusers pick them
+        files.extend(weights)
+    return files
+
+
+def _is_variant(filename: str) -> bool:
+    """`model.fp16.safetensors` / `model.fp16-00001-of-00002.safetensors` are variants; `model.safetensors` is not."""
+    stem = filename[: -len(".safetensors")]
+    stem = re.sub(r"-\d{5}-of-\d{5}$", "", stem)
+    return "." in stem
+
+
+def _resave_pipeline(source: str, dest: Path, *, lora_file: Optional[str], lora_scale: float) -> None:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
+    except Exception as e:
+        raise UserError(f"cannot load the pipeline '{source}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if lora_file is not None:
+        # Fused into the weights: the served model needs no peft and runs at the base's speed.
+        pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=os.path.basename(lora_file))
+        pipe.fuse_lora(lora_scale=lora_scale)
+        pipe.unload_lora_weights()
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _place(src: Path, dst: Path, *, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another filesystem, or links not allowed: copy
+            pass
+    shutil.copy2(src, dst)
+
+
+# ------------------------------------------------------------------------ archive and configs
+
+
+def _manifest(name: str) -> str:
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
+    config = ModelArchiverConfig(model_name=name, handler=HANDLER_NAME, version="1.0", config_file=MODEL_CONFIG)
+    return ModelExportUtils.generate_manifest_json(config)
+
+
+def _write_archive(stage: Path, name: str, export_dir: Path, manifest: str, archive_format: str) -> None:
+    """torch-model-archiver's own writer, given our staged folder (its CLI would copy it to /tmp first)."""
+    try:
+        from model_archiver.model_packaging_utils import ModelExportUtils
+    except ImportError:
+        raise UserError("--format mar needs torch-model-archiver: pip install 'sdkit[serve]'") from None
+    ModelExportUtils.archive(str(export_dir), name, str(stage), manifest, archive_format)
+
+
+def model_config_yaml() -> str:
+    """Per-model settings TorchServe reads from the archive when it is registered by hand."""
+    return (
+        "# One worker holds the whole pipeline in GPU memory; raise maxWorkers on larger GPUs.\n"
+        "minWorkers: 1\n"
+        "maxWorkers: 1\n"
+        "batchSize: 1\n"
+        "maxBatchDelay: 100\n"
+        f"responseTimeout: {RESPONSE_TIMEOUT}\n"
+        f"startupTimeout: {STARTUP_TIMEOUT}\n"
+    )
+
+
+def response_bytes(max_size: int, max_batch: int) -> int:
+    """Upper bound of one answer: max_batch incompressible RGB PNGs, base64 (4/3), plus JSON."""
+    png = max_size * max_size * 3 + max_size + 4096
+    return max_batch * (png * 4 // 3 + 64) + 65536
+
+
+def read_properties(path: Path) -> dict:
+    props = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                props[key.strip()] = value.strip()
+    return props
+
+
+def config_properties(name: str, marname: str, *, max_size: int, max_batch: int, previous: Optional[Path] = None) -> str:
+    """config.properties as KServe's TorchServe runtime expects it (model store at /mnt/models).
+
+    Models of an earlier export into the same folder stay listed while their archive exists,
+    so one bucket can hold several models.
+    """
+    entry = {
+        "defaultVersion": True, "marName": marname, "minWorkers": 1, "maxWorkers": 1, "batchSize": 1,
+        "maxBatchDelay": 100, "responseTimeout": RESPONSE_TIMEOUT, "startupTimeout": STARTUP_TIMEOUT,
+    }
+    models = {}
+    max_response = max(response_bytes(max_size, max_batch), MIN_RESPONSE_BYTES)
+    if previous is not None:
+        old = read_properties(previous)
+        try:
+            snapshot = json.loads(old.get("model_snapshot", "{}"))
+        except json.JSONDecodeError:
+            snapshot = {}
+        store = previous.parent.parent / "model-store"
+        for old_name, versions in (snapshot.get("models") or {}).items():
+            kept = {v: e for v, e in versions.items() if isinstance(e, dict) and (store / str(e.get("marName"))).exists()}
+            if kept and old_name != name:
+                models[old_name] = kept
+        if old.get("max_response_size", "").isdigit():
+            max_response = max(max_response, int(old["max_response_size"]))
+    models[name] = {"1.0": entry}
+    snapshot = {"name": "startup.cfg", "modelCount": len(models), "models": models}
+    props = {
+        **KSERVE_PROPERTIES,
+        "enable_metrics_api": "true",
+        "metrics_mode": "prometheus",
+        "number_of_netty_threads": "4",
+        "job_queue_size": "10",
+        # KServe sets the request envelope (kserve / kservev2) through TS_SERVICE_ENVELOPE.
+        "enable_envvars_config": "true",
+        # The handler needs only torch + diffusers (+ peft for a LoRA), already in the image.
+        "install_py_dep_per_model": "false",
+        # Requests are authenticated by KServe / the ingress, not by TorchServe's token.
+        "disable_token_authorization": "true",
+        "default_workers_per_model": "1",
+        "default_response_timeout": str(RESPONSE_TIMEOUT),
+        "default_startup_timeout": str(STARTUP_TIMEOUT),
+        "max_request_size": str(16 * 1024 * 1024),
+        "max_response_size": str(max_response),
+        "model_store": KSERVE_MODEL_STORE,
+        "load_models": ",".join(sorted(f"{n}={e[next(iter(e))]['marName']}" for n, e in models.items())),
+        "model_snapshot": json.dumps(snapshot, separators=(",", ":")),
+    }
+    lines = [
+        "# TorchServe config written by `sdkit export --format mar`, laid out for KServe's TorchServe",
+        "# runtime: point an InferenceService's storageUri at the folder holding config/ and model-store/.",
+    ]
+    lines += [f"{key}={value}" for key, value in props.items()]
+    return "\n".join(lines) + "\n"

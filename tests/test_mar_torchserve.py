@@ -1,0 +1,325 @@
+"""`sdkit export --format mar`: the archive, the config KServe reads, and a real TorchServe serving it.
+
+The first half checks what the export writes (no server). The second half starts TorchServe
+on 127.0.0.1 (skipped without `torchserve` or Java) and talks to it as a client would.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdkit.errors import UserError
+from sdkit.export import handler as H
+from sdkit.export.mar import export_mar, read_properties, response_bytes
+from sdkit.models import resolve_model
+
+from test_handler import assert_v2_response, make_context, pngs
+
+
+def export(model, out, **kwargs):
+    return export_mar(resolve_model(str(model)), out=out, **kwargs)
+
+
+def snapshot(config: Path) -> dict:
+    return json.loads(read_properties(config)["model_snapshot"])
+
+
+def make_lora(model: Path, out_dir: Path) -> Path:
+    """A small random LoRA on the UNet attention, saved as `sdkit train` saves one."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:  # zero at init: give the LoRA an effect to observe
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def image_from(model_dir: Path, seed: int = 3) -> np.ndarray:
+    service = H.DiffusionService()
+    service.handle(None, make_context(model_dir))
+    context = make_context(model_dir)
+    [answer] = service.handle([{"body": {"prompt": "a red circle", "steps": 2, "seed": seed}}], context)
+    return pngs(answer["images"])[0].astype(int)
+
+
+# ------------------------------------------------------------------------ what the export writes
+
+
+def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
+    out = tmp_path / "bucket" / "sd"  # parents do not exist yet
+    archive, config = export(tiny_sd, out, name="tiny", max_steps=20, max_size=512, max_batch=2)
+    assert archive == out / "model-store" / "tiny.mar" and config == out / "config" / "config.properties"
+
+    with zipfile.ZipFile(archive) as z:
+        names = set(z.namelist())
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        serve = json.loads(z.read("sdkit_serve.json"))
+        handler_source = z.read("sdkit_handler.py").decode()
+    assert manifest["model"] == {"modelName": "tiny", "handler": "sdkit_handler.py", "modelVersion": "1.0",
+                                 "configFile": "model-config.yaml"}
+    # The pipeline folder is in the archive as files: no model.zip inside the .mar, no pickles.
+    assert {"pipeline/model_index.json", "pipeline/unet/diffusion_pytorch_model.safetensors",
+            "pipeline/vae/diffusion_pytorch_model.safetensors", "pipeline/text_encoder/model.safetensors",
+            "pipeline/tokenizer/tokenizer.json", "model-config.yaml"} <= names
+    assert not [n for n in names if n.endswith((".zip", ".bin", ".pt", ".ckpt"))]
+    assert serve["limits"] == {"max_steps": 20, "max_size": 512, "max_batch": 2} and serve["lora"] is None
+    assert handler_source == Path(H.__file__).read_text()
+    # Self-contained: it imports where neither sdkit nor TorchServe can be imported.
+    (tmp_path / "unpacked").mkdir()
+    (tmp_path / "unpacked" / "sdkit_handler.py").write_text(handler_source)
+    code = "import sys; sys.modules['sdkit'] = sys.modules['ts'] = None; import sdkit_handler; print(sdkit_handler.handle)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "unpacked", capture_output=True, text=True)
+    assert result.returncode == 0 and "function handle" in result.stdout, result.stderr
+
+    props = read_properties(config)
+    assert props["model_store"] == "/mnt/models/model-store"
+    assert props["inference_address"] == "http://0.0.0.0:8085" and props["management_address"]
+    assert props["enable_envvars_config"] == "true" and props["install_py_dep_per_model"] == "false"
+    assert int(props["default_response_timeout"]) >= 600 and int(props["default_startup_timeout"]) >= 600
+    assert int(props["max_response_size"]) >= response_bytes(512, 2) > 2 * 512 * 512 * 3
+    assert props["load_models"] == "tiny=tiny.mar"
+    entry = snapshot(config)["models"]["tiny"]["1.0"]
+    assert entry["marName"] == "tiny.mar" and entry["defaultVersion"] and entry["startupTimeout"] >= 600
+
+
+def test_existing_output_needs_force(tiny_sd, tmp_path):
+    export(tiny_sd, tmp_path, name="tiny")
+    with pytest.raises(UserError, match=r"tiny\.mar already exists; pass --force"):
+        export(tiny_sd, tmp_path, name="tiny")
+    with pytest.raises(UserError, match=r"tiny\.mar already exists; pass --force"):
+        export(tiny_sd, tmp_path, name="tiny", archive_format="tgz")  # same name, other format
+    export(tiny_sd, tmp_path, name="tiny", archive_format="tgz", force=True)
+    assert sorted(p.name for p in (tmp_path / "model-store").iterdir()) == ["tiny.tar.gz"]  # nothing half-written
+    assert snapshot(tmp_path / "config" / "config.properties")["models"]["tiny"]["1.0"]["marName"] == "tiny.tar.gz"
+
+
+def test_tgz_and_no_archive_formats(tiny_sd, tmp_path):
+    [tgz, _] = export(tiny_sd, tmp_path / "t", name="big", archive_format="tgz")
+    with tarfile.open(tgz) as t:
+        names = set(t.getnames())
+    assert {"big/MAR-INF/MANIFEST.json", "big/sdkit_handler.py", "big/pipeline/unet/diffusion_pytorch_model.safetensors"} <= names
+    [folder, config] = export(tiny_sd, tmp_path / "n", name="big", archive_format="no-archive")
+    assert folder.is_dir() and (folder / "MAR-INF" / "MANIFEST.json").is_file()
+    assert (folder / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_nlink == 1  # a copy
+    assert snapshot(config)["models"]["big"]["1.0"]["marName"] == "big"
+
+
+def test_models_share_one_store(tiny_sd, tmp_path):
+    export(tiny_sd, tmp_path, name="first")
+    export(tiny_sd, tmp_path, name="second")
+    models = snapshot(tmp_path / "config" / "config.properties")["models"]
+    assert sorted(models) == ["first", "second"]
+    assert read_properties(tmp_path / "config" / "config.properties")["load_models"] == "first=first.mar,second=second.mar"
+
+
+def test_only_the_pipeline_is_shipped_and_pickles_are_converted(tiny_sd, tmp_path):
+    """A full fine-tune's run folder also holds checkpoints and logs; .bin weights are re-saved as safetensors."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sd, run)
+    (run / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-10" / "optimizer.bin").write_bytes(b"x" * 1000)
+    (run / "samples").mkdir()
+    (run / "samples" / "step-10.png").write_bytes(b"png")
+    [archive, _] = export(run, tmp_path / "a", name="run", archive_format="no-archive")
+    assert sorted(p.name for p in archive.iterdir()) == sorted(
+        ["MAR-INF", "model-config.yaml", "pipeline", "sdkit_handler.py", "sdkit_serve.json"])
+
+    unet = UNet2DConditionModel.from_pretrained(run / "unet")
+    shutil.rmtree(run / "unet")
+    unet.save_pretrained(run / "unet", safe_serialization=False)
+    assert (run / "unet" / "diffusion_pytorch_model.bin").is_file()
+    [archive, _] = export(run, tmp_path / "b", name="run", archive_format="no-archive")
+    files = {p.name for p in (archive / "pipeline" / "unet").iterdir()}
+    assert "diffusion_pytorch_model.safetensors" in files and "diffusion_pytorch_model.bin" not in files
+    reloaded = UNet2DConditionModel.from_pretrained(archive / "pipeline" / "unet")
+    for (name, a), (_, b) in zip(unet.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_lora_shipped_or_fused_gives_the_same_image(tiny_sd, tmp_path):
+    lora = make_lora(tiny_sd, tmp_path / "lora")
+    [shipped, _] = export(tiny_sd, tmp_path / "out", name="shipped", lora=str(lora), archive_format="no-archive")
+    [fused, _] = export(tiny_sd, tmp_path / "out", name="fused", lora=str(lora), fuse_lora=True, archive_format="no-archive")
+    [plain, _] = export(tiny_sd, tmp_path / "out", name="plain", archive_format="no-archive")
+    assert (shipped / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((shipped / "sdkit_serve.json").read_text())["lora"] == "lora/pytorch_lora_weights.safetensors"
+    assert not (fused / "lora").exists() and json.loads((fused / "sdkit_serve.json").read_text())["lora"] is None
+
+    with_lora, fused_image, base = image_from(shipped), image_from(fused), image_from(plain)
+    assert np.abs(with_lora - base).mean() > 5  # the LoRA is really applied
+    np.testing.assert_allclose(fused_image, with_lora, atol=2)
+
+
+def test_lora_run_folder_brings_its_lora(tiny_sd, tmp_path):
+    from sdkit.models import ResolvedModel
+
+    lora = make_lora(tiny_sd, tmp_path / "lora")
+    model = ResolvedModel(base=str(tiny_sd), lora=str(lora), run_dir=str(tmp_path / "my-run"))
+    [archive, _] = export_mar(model, out=tmp_path / "out", archive_format="no-archive")
+    assert archive.name == "my-run"  # named after the run
+    assert (archive / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="bad name"), "--name: 'bad name' may hold only letters"),
+        (dict(archive_format="zip"), "--archive-format: 'zip' is not one of"),
+        (dict(max_steps=0), "--max-steps: must be an integer of at least 1"),
+        (dict(max_size=4), "--max-size: must be an integer of at least 8"),
+        (dict(fuse_lora=True), "--fuse-lora: there is no LoRA to fuse"),
+        (dict(refiner="/nonexistent/refiner"), "--refiner: only SDXL base models take a refiner"),
+    ],
+)
+def test_bad_arguments(tiny_sd, tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export(tiny_sd, tmp_path, **kwargs)
+    assert not (tmp_path / "model-store").exists()
+
+
+# ------------------------------------------------------------------------ a real TorchServe
+
+torchserve_mod = pytest.importorskip("sdkit.export.torchserve")
+
+
+def _needs_torchserve():
+    try:
+        torchserve_mod.find_torchserve()
+    except UserError as e:
+        pytest.skip(f"TorchServe cannot run here: {e}")
+
+
+@pytest.fixture(scope="module")
+def store(tiny_sd, tmp_path_factory):
+    """A tiny model exported as the issue asks: 2 steps at 32x32 by default."""
+    out = tmp_path_factory.mktemp("store")
+    export(tiny_sd, out, name="tiny", max_steps=2, max_size=64, max_batch=4)
+    return out
+
+
+def _json(body: bytes):
+    return json.loads(body)
+
+
+def _own_processes(home: str) -> list:
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(home in part for part in process.info["cmdline"] or []):
+                found.append(process.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_torchserve_serves_every_request_shape(store):
+    _needs_torchserve()
+    server = torchserve_mod.LocalTorchServe(store)
+    with server:
+        home = str(server.home)
+        server.wait_ready("tiny", timeout_s=600)
+
+        status, body, _ = server.post_text("/predictions/tiny", "a red circle")
+        assert status == 200, body
+        [image] = pngs(_json(body)["images"])
+        assert image.shape == (32, 32, 3)
+
+        v1 = {"instances": ["a red circle", {"prompt": "a blue square", "seed": 4}]}
+        for path in ("/predictions/tiny", "/v1/models/tiny:predict"):
+            status, body, _ = server.post_json(path, v1)
+            assert status == 200, body
+            assert [len(pngs(p["images"])) for p in _json(body)["predictions"]] == [1, 1]
+
+        status, body, _ = server.post_json("/v2/models/tiny/infer", torchserve_mod.v2_request("a cat", request_id="r-1", seed=9))
+        assert status == 200, body
+        answer = _json(body)
+        outputs = assert_v2_response(answer)
+        assert answer["model_name"] == "tiny" and answer["id"] == "r-1"
+        assert len(pngs(outputs["images"]["data"])) == 1 and outputs["seeds"]["data"] == [9]
+
+        for payload, message in (({"prompt": "a", "steps": 99}, "'steps' must be between 1 and 2"),
+                                 ({"inputs": []}, "'inputs' must be a non-empty list")):
+            status, body, _ = server.post_json("/v2/models/tiny/infer" if "inputs" in payload else "/predictions/tiny", payload)
+            assert status == 400 and message in _json(body)["message"], body
+        status, body, _ = server.request("POST", server.inference_url + "/predictions/tiny", b'{"prompt": ', "application/json")
+        assert status == 400 and "not valid JSON" in _json(body)["message"]
+        status, body, _ = server.request("POST", server.inference_url + "/predictions/tiny", b"a cat")  # form-encoded
+        assert status == 400 and "Content-Type: text/plain" in _json(body)["message"]
+
+        status, body, _ = server.post_text("/predictions/tiny", "still serving")  # the worker survived
+        assert status == 200 and len(pngs(_json(body)["images"])) == 1
+        assert _own_processes(home)  # sanity: the search below does find TorchServe while it runs
+    assert server.leftovers == [] and _own_processes(home) == []
+
+
+@pytest.mark.slow
+def test_torchserve_with_kservev2_envelope(store):
+    """KServe's runtime sets TS_SERVICE_ENVELOPE=kservev2 for v2: TorchServe's envelope wraps the handler."""
+    _needs_torchserve()
+    with torchserve_mod.LocalTorchServe(store, envelope="kservev2") as server:
+        server.wait_ready("tiny", timeout_s=600)
+        request = {"id": "env-1", "inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a cat"]},
+            {"name": "num_images", "datatype": "INT32", "shape": [1], "data": [2]},
+            {"name": "seed", "datatype": "INT64", "shape": [1], "data": [1]},
+        ]}
+        status, body, _ = server.post_json("/v2/models/tiny/infer", request)
+        assert status == 200, body
+        answer = _json(body)
+        outputs = assert_v2_response(answer)
+        assert answer["id"] == "env-1" and len(pngs(outputs["images"]["data"])) == 2
+        assert outputs["seeds"]["data"] == [1, 2]
+        bad = {"inputs": [request["inputs"][0], {"name": "steps", "datatype": "INT32", "shape": [1], "data": [50]}]}
+        status, body, _ = server.post_json("/v2/models/tiny/infer", bad)
+        assert status == 400 and "'steps' must be between 1 and 2" in _json(body)["message"]
+    assert server.leftovers == []
+
+
+@pytest.mark.slow
+def test_check_archive_reports_timings(store):
+    _needs_torchserve()
+    from rich.console import Console
+
+    timings = torchserve_mod.check_archive(store, "tiny", console=Console(file=io.StringIO(), width=100))
+    assert timings["image_size"] == [32, 32]
+    assert timings["ready_s"] > 0 and timings["v2_s"] > 0 and timings["plain_s"] > 0
+
+
+def test_check_archive_needs_an_export(tmp_path):
+    with pytest.raises(UserError, match="export with --format mar first"):
+        torchserve_mod.check_archive(tmp_path, "tiny")
+
+
+def test_decode_images_rejects_non_png():
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="JPEG")
+    with pytest.raises(ValueError, match="expected a PNG"):
+        torchserve_mod.decode_images([base64.b64encode(buffer.getvalue()).decode()])
