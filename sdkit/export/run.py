@@ -1,0 +1,194 @@
+"""`sdkit export`: check the arguments, decide what gets written where, hand over to a writer.
+
+Every argument problem is a UserError raised before any weights load. Writers live in
+sdkit.export.safetensors (diffusers folders, single files, LoRA files) and sdkit.export.mar
+(TorchServe archives).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from sdkit.errors import UserError
+
+FORMATS = ("mar", "safetensors")
+DTYPES = ("fp16", "bf16", "fp32")
+LORA_FORMATS = ("peft", "kohya")
+ARCHIVE_FORMATS = ("default", "no-archive", "tgz")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
+    if value not in allowed:
+        raise UserError(f"{flag}: '{value}' is not one of {', '.join(allowed)}")
+    return value
+
+
+def default_name(model: str, resolved) -> str:
+    """A file-name-safe name: the run or model folder's name, or the hub id's last part."""
+    source = resolved.run_dir or (resolved.base if resolved.is_local else model)
+    stem = Path(str(source).rstrip("/\\")).name or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
+
+
+def refuse_existing(path: Path, force: bool) -> bool:
+    """An existing output (a file, or a folder with anything in it) needs --force.
+
+    Returns whether the writer may replace what is at `path` (--force, or an empty folder).
+    """
+    if not (path.exists() or path.is_symlink()):
+        return force
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return True  # an empty folder holds nothing to lose
+    if not force:
+        raise UserError(f"--out: '{path}' already exists; pass --force to overwrite it")
+    return True
+
+
+def _file_target(out: Path, file_name: str) -> Path:
+    """--out as a file when it ends in .safetensors, else a folder to put `file_name` in."""
+    if out.suffix == SAFETENSORS_SUFFIX:
+        return out
+    if out.is_file():
+        raise UserError(f"--out: '{out}' is a file; give a folder or a path ending in {SAFETENSORS_SUFFIX}")
+    return out / file_name
+
+
+def export_command(
+    format: str,
+    model: str,
+    out: str,
+    lora: Optional[str] = None,
+    refiner: Optional[str] = None,
+    name: Optional[str] = None,
+    dtype: str = "fp16",
+    single_file: bool = False,
+    lora_format: str = "peft",
+    fuse_lora: bool = False,
+    lora_scale: float = 1.0,
+    force: bool = False,
+    archive_format: str = "default",
+    check: bool = False,
+    max_steps: int = 50,
+    max_size: int = 1024,
+    max_batch: int = 4,
+) -> list[Path]:
+    """Export `model` (+ LoRA) in `format`; returns the paths written."""
+    from sdkit.models import resolve_lora, resolve_model
+
+    _choice(format, FORMATS, "--format")
+    _choice(dtype, DTYPES, "--dtype")
+    _choice(lora_format, LORA_FORMATS, "--lora-format")
+    _choice(archive_format, ARCHIVE_FORMATS, "--archive-format")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"--name: '{name}' must be letters, digits, '.', '_' or '-' (it becomes a file name)")
+    if lora_scale <= 0:
+        raise UserError(f"--lora-scale: must be positive, got {lora_scale}")
+
+    resolved = resolve_model(model)
+    if lora and resolved.lora:
+        raise UserError(f"--lora: --model '{model}' is a LoRA run that already brings its LoRA ({resolved.lora})")
+    lora_ref = resolve_lora(lora) if lora else resolved.lora
+    out_path = Path(os.path.expanduser(out))
+
+    if format == "mar":
+        return _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fuse_lora, lora_scale,
+                           check, max_steps, max_size, max_batch, force, single_file, lora_format)
+
+    # ---- safetensors
+    if refiner:
+        raise UserError("--refiner: only used with --format mar")
+    if check:
+        raise UserError("--check: only used with --format mar")
+    if archive_format != "default":
+        raise UserError("--archive-format: only used with --format mar")
+    if fuse_lora and not lora_ref:
+        raise UserError("--fuse-lora: no LoRA to fuse (pass --lora, or a LoRA run folder as --model)")
+    if lora_format == "kohya" and not lora_ref:
+        raise UserError("--lora-format kohya: needs a LoRA (pass --lora, or a LoRA run folder as --model)")
+    if lora_format == "kohya" and fuse_lora:
+        raise UserError("--lora-format kohya: a fused LoRA is part of the model; drop --lora-format or --fuse-lora")
+    if single_file and lora_ref and not fuse_lora:
+        raise UserError("--single-file: writes a full checkpoint; add --fuse-lora to merge the LoRA into it, "
+                        "or drop --single-file to export the LoRA file")
+
+    from sdkit.export import safetensors as writer
+
+    stem = name or default_name(model, resolved)
+    if single_file:
+        info = writer.model_info(resolved.base)  # configs only: fails fast for SD3
+        if info.layout is None:
+            raise UserError(f"--single-file: {info.family} models have no original single-file layout "
+                            "(A1111/ComfyUI checkpoints exist for SD 1.x, 2.x and SDXL); drop --single-file")
+        target = _file_target(out_path, stem + SAFETENSORS_SUFFIX)
+        replace = refuse_existing(target, force)
+        return writer.export_single_file(resolved.base, target, dtype=dtype, lora=lora_ref if fuse_lora else None,
+                                         lora_scale=lora_scale, force=replace, title=name or target.stem)
+    if lora_ref and not fuse_lora:
+        from sdkit.models import LORA_FILE
+
+        recipe = _run_recipe(resolved.run_dir) if resolved.lora else None
+        file_name = LORA_FILE if lora_format == "peft" else stem + SAFETENSORS_SUFFIX
+        target = _file_target(out_path, file_name)
+        replace = refuse_existing(target, force)
+        if lora_format == "kohya":
+            writer.model_info(resolved.base)  # fail on unreadable base configs before reading the LoRA
+        return writer.export_lora(lora_ref, target, base=resolved.base, lora_format=lora_format, dtype=dtype,
+                                  recipe=recipe, name=name or target.stem, force=replace)
+    if out_path.suffix == SAFETENSORS_SUFFIX:
+        raise UserError(f"--out: a diffusers export is a folder, not '{out_path.name}' (or add --single-file)")
+    replace = refuse_existing(out_path, force)
+    card = Path(resolved.run_dir) / writer.MODEL_CARD if resolved.run_dir else None
+    return writer.export_diffusers(resolved.base, out_path, dtype=dtype, lora=lora_ref if fuse_lora else None,
+                                   lora_scale=lora_scale, force=replace, model_card=card)
+
+
+def _run_recipe(run_dir: Optional[str]):
+    if not run_dir:
+        return None
+    from sdkit.models import RECIPE_FILE
+    from sdkit.recipe import load_recipe
+
+    return load_recipe(Path(run_dir) / RECIPE_FILE)
+
+
+def _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fuse_lora, lora_scale, check,
+                max_steps, max_size, max_batch, force, single_file, lora_format) -> list[Path]:
+    if single_file:
+        raise UserError("--single-file: only used with --format safetensors")
+    if lora_format != "peft":
+        raise UserError("--lora-format: only used with --format safetensors")
+    if fuse_lora and not lora_ref:
+        raise UserError("--fuse-lora: no LoRA to fuse (pass --lora, or a LoRA run folder as --model)")
+    for flag, value in (("--max-steps", max_steps), ("--max-size", max_size), ("--max-batch", max_batch)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
+    if refiner:
+        from sdkit.models import resolve_model
+
+        refiner = resolve_model(refiner, key="--refiner").base
+    from sdkit.export.mar import export_mar
+
+    written = export_mar(
+        resolved, lora=lora_ref, refiner=refiner, out=str(out_path), name=name, archive_format=archive_format,
+        fuse_lora=fuse_lora, max_steps=max_steps, max_size=max_size, max_batch=max_batch, force=force,
+        lora_scale=lora_scale,
+    )
+    if check:
+        from sdkit.export.torchserve import check_archive
+
+        archive_name = name or _archive_name(written)
+        check_archive(str(out_path), archive_name)
+    return written
+
+
+def _archive_name(written: list[Path]) -> str:
+    """The model name mar.py chose, read off the archive it wrote (model-store/NAME.mar)."""
+    for path in written:
+        p = Path(path)
+        if p.parent.name == "model-store":
+            return p.name[: -len(".mar")] if p.name.endswith(".mar") else p.name
+    raise UserError("--check: the export wrote no model-store/NAME.mar to check")
