@@ -1,10 +1,292 @@
-"""Making images with a diffusers pipeline: shared by generate, validation and eval."""
+"""Building a pipeline from a model reference, and making images with it.
+
+Shared by `sdkit generate`, `sdkit eval` and the trainer's validation images. torch and
+diffusers are imported inside the functions, so importing this module stays cheap.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
+from sdkit.errors import UserError
+
+# --scheduler name -> (diffusers class, config overrides). DDPM-trained families (SD 1/2,
+# SDXL) take the first group, flow-matching ones (SD3) the second.
+DDPM_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+FLOW_SCHEDULERS = {
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
+SCHEDULERS = {**DDPM_SCHEDULERS, **FLOW_SCHEDULERS}
+FLOW_FAMILIES = {"sd3"}
+
+# Sampler names AUTOMATIC1111 / ComfyUI users read in the `parameters` text chunk.
+A1111_SAMPLER_NAMES = {
+    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler-a": "Euler a",
+    "heun": "Heun", "dpm++": "DPM++ 2M", "dpm++-karras": "DPM++ 2M Karras", "unipc": "UniPC",
+    "flow-euler": "Euler", "flow-heun": "Heun",
+}
+
+# Room left on the GPU for activations and the VAE decode (SDXL at 1024 px peaks at a few
+# GiB in the decoder) when deciding whether base and refiner can both stay resident.
+ACTIVATION_RESERVE_BYTES = 4 * 1024**3
+
+DTYPE_NAMES = {
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}
+
+
+@dataclass
+class PipelineInfo:
+    """What was loaded and how; written into image metadata and reports."""
+
+    model: str  # as the user typed it
+    base: str  # the diffusers model it resolved to
+    family: str
+    loras: list[str] = field(default_factory=list)
+    lora_scale: float = 1.0
+    refiner: Optional[str] = None
+    scheduler: str = ""  # sdkit name (or diffusers class name when it has none)
+    device: str = "cpu"
+    dtype: str = "float32"
+    width: int = 512  # the model's native size, used when none is asked for
+    height: int = 512
+    size_multiple: int = 8  # width/height must be multiples of this
+    placement: str = "cpu"  # "cuda", "model offload", "cpu", "mps"
+
+
+# ---------------------------------------------------------------------------- choices
+
+
+def check_scheduler_name(name: Optional[str], family: Optional[str] = None) -> None:
+    """Fail before loading anything when --scheduler is unknown or wrong for the family."""
+    if name is None:
+        return
+    if family is None:
+        valid = SCHEDULERS
+    else:
+        valid = FLOW_SCHEDULERS if family in FLOW_FAMILIES else DDPM_SCHEDULERS
+    if name not in valid:
+        if name in SCHEDULERS:
+            what = f"'{name}' does not work with {family} models"
+        else:
+            what = f"unknown scheduler '{name}'"
+        raise UserError(f"--scheduler: {what} (choose from: {', '.join(valid)})")
+
+
+def pick_device(forced: Optional[str] = None) -> str:
+    """cuda > mps > cpu, unless forced (then checked to exist)."""
+    import torch
+
+    if forced:
+        kind = forced.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {forced}: CUDA is not available on this machine")
+        if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise UserError(f"--device {forced}: MPS is not available on this machine")
+        if kind not in ("cuda", "mps", "cpu"):
+            raise UserError(f"--device: unknown device '{forced}' (cuda, cuda:N, mps or cpu)")
+        return forced
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, forced: Optional[str] = None):
+    """CUDA: bf16 where the GPU supports it, else fp16; elsewhere fp32. `forced` wins."""
+    import torch
+
+    if forced:
+        if forced.lower() not in DTYPE_NAMES:
+            raise UserError(f"--dtype: unknown dtype '{forced}' (fp16, bf16 or fp32)")
+        return getattr(torch, DTYPE_NAMES[forced.lower()])
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_pipeline(
+    model_ref: str,
+    *,
+    lora: Optional[str] = None,
+    lora_scale: float = 1.0,
+    refiner: Optional[str] = None,
+    scheduler: Optional[str] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    offload: Optional[bool] = None,
+):
+    """(pipe, refiner_pipe or None, PipelineInfo) ready to generate on the chosen device.
+
+    `model_ref` is a hub id, a diffusers folder or a training run folder (a LoRA run loads
+    its base model plus its LoRA). `offload=None` decides by free GPU memory whether base
+    and refiner both stay on the GPU or move there only while they run.
+    """
+    from sdkit.families import detect_family
+    from sdkit.models import read_model_index, resolve_lora, resolve_model
+
+    check_scheduler_name(scheduler)
+    resolved = resolve_model(model_ref, "--model")
+    family = detect_family(resolved.base, key="--model")
+    check_scheduler_name(scheduler, family)
+    if family == "sdxl" and _is_refiner_only(read_model_index(resolved.base)):
+        raise UserError(f"--model: '{model_ref}' is an SDXL refiner (image-to-image only); pass it as --refiner")
+    loras = [resolved.lora] if resolved.lora else []
+    if lora:
+        loras.append(resolve_lora(lora, "--lora"))
+    if refiner:
+        resolved_refiner = resolve_model(refiner, "--refiner")
+        if resolved_refiner.lora:
+            raise UserError(f"--refiner: '{refiner}' is a LoRA run; a refiner must be a full SDXL refiner model")
+        if family != "sdxl" or detect_family(resolved_refiner.base, key="--refiner") != "sdxl":
+            raise UserError("--refiner: a refiner works with SDXL base models and SDXL refiners only")
+
+    device_name = pick_device(device)
+    torch_dtype = pick_dtype(device_name, dtype)
+    quiet_loading()
+
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    pipe = AutoPipelineForText2Image.from_pretrained(resolved.base, **_dtype_kwarg(torch_dtype), **extra)
+    for i, path in enumerate(loras):
+        _load_lora(pipe, path, f"lora{i}")
+    if loras:
+        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=[lora_scale] * len(loras))
+    refiner_pipe = None
+    if refiner:
+        refiner_pipe = AutoPipelineForImage2Image.from_pretrained(resolved_refiner.base, **_dtype_kwarg(torch_dtype))
+    if scheduler:
+        for p in (pipe, refiner_pipe):
+            if p is not None:
+                p.scheduler = _make_scheduler(scheduler, p.scheduler.config)
+
+    placement = _place(pipe, refiner_pipe, device_name, offload)
+    width, height, multiple = native_size(pipe)
+    info = PipelineInfo(
+        model=model_ref, base=resolved.base, family=family, loras=loras, lora_scale=lora_scale,
+        refiner=refiner, scheduler=scheduler or scheduler_name(pipe.scheduler), device=device_name,
+        dtype=str(torch_dtype).replace("torch.", ""), width=width, height=height, size_multiple=multiple,
+        placement=placement,
+    )
+    return pipe, refiner_pipe, info
+
+
+def _is_refiner_only(index: dict) -> bool:
+    """An SDXL refiner ships no first text encoder, so it cannot start from text alone."""
+    encoder = index.get("text_encoder")
+    return not encoder or encoder[0] is None
+
+
+def quiet_loading() -> None:
+    """No loading bars: on every run they drown the lines that say what was written."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _dtype_kwarg(torch_dtype) -> dict:
+    """diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype`; older ones know only the first."""
+    import diffusers
+    from packaging.version import Version
+
+    name = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
+    return {name: torch_dtype}
+
+
+def _load_lora(pipe, path: str, adapter_name: str) -> None:
+    try:
+        # use_safetensors=True: never fall back to unpickling a .bin from a hub repo.
+        pipe.load_lora_weights(path, adapter_name=adapter_name, use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--lora: cannot load '{path}' into this model: {first}") from None
+
+
+def _make_scheduler(name: str, config):
+    import diffusers
+
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+def scheduler_name(scheduler) -> str:
+    """The sdkit name of a scheduler instance, or its class name when sdkit has none."""
+    cls = type(scheduler).__name__
+    karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
+    for name, (class_name, overrides) in SCHEDULERS.items():
+        if class_name == cls and bool(overrides.get("use_karras_sigmas", False)) == karras:
+            return name
+    return cls
+
+
+def native_size(pipe) -> tuple[int, int, int]:
+    """(width, height, multiple): the size the model was trained at, and the size step it needs."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+    sample = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
+    if isinstance(sample, (tuple, list)):
+        sample = sample[0]
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    patch = int(getattr(denoiser.config, "patch_size", None) or 1)  # SD3 packs latents into 2x2 patches
+    return int(sample) * factor, int(sample) * factor, factor * patch
+
+
+def module_bytes(pipe) -> int:
+    import torch
+
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(p.numel() * p.element_size() for p in component.parameters())
+            total += sum(b.numel() * b.element_size() for b in component.buffers())
+    return total
+
+
+def _place(pipe, refiner_pipe, device: str, offload: Optional[bool]) -> str:
+    """Put the pipelines on the device; offload whatever does not fit with room to run."""
+    import torch
+
+    pipes = [p for p in (pipe, refiner_pipe) if p is not None]
+    if not device.startswith("cuda"):
+        for p in pipes:
+            p.to(device)
+        return device
+    if offload is None:
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        offload = sum(module_bytes(p) for p in pipes) + ACTIVATION_RESERVE_BYTES > free
+    if not offload:
+        for p in pipes:
+            p.to(device)
+        return "cuda"
+    # Each model moves to the GPU only while it runs, so the idle pipeline (base during
+    # refining, refiner during the base's steps) stays in CPU memory.
+    for p in pipes:
+        p.enable_model_cpu_offload(device=device)
+    return "model offload"
+
+
+# ---------------------------------------------------------------------------- images
 
 
 def make_images(
@@ -23,9 +305,12 @@ def make_images(
     **extra,
 ) -> list:
     """PIL images; image k uses seed + k, so any single image can be reproduced alone."""
+    import torch
+
     pipe.set_progress_bar_config(disable=True)
     images = []
     for k in range(num_images):
+        # A CPU generator gives the same starting noise on every device.
         generator = torch.Generator("cpu").manual_seed(seed + k)
         kwargs = dict(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
@@ -44,3 +329,14 @@ def make_images(
             ).images[0]
         )
     return images
+
+
+def release_memory() -> None:
+    """Give GPU memory back after the caller dropped its pipelines (before loading the next model)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
