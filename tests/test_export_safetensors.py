@@ -131,6 +131,22 @@ def test_single_file_loads_with_from_single_file_and_gives_the_same_image(
     np.testing.assert_allclose(_image(loaded, 64), _image(base, 64), atol=1e-5)
 
 
+def test_single_file_sdxl_refiner_round_trips(tiny_sdxl_refiner, tmp_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    [target] = _export(tiny_sdxl_refiner, tmp_path / "refiner.safetensors", single_file=True, dtype="fp32")
+    tensors, meta = _read(target)
+    assert "conditioner.embedders.0.model.text_projection" in tensors  # the refiner's only encoder is OpenCLIP
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-refiner"
+    base = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_refiner)
+    loaded = StableDiffusionXLImg2ImgPipeline.from_single_file(str(target), config=str(tiny_sdxl_refiner),
+                                                               local_files_only=True)
+    for name in ("unet", "vae", "text_encoder_2"):
+        theirs = getattr(loaded, name).state_dict()
+        for key, value in getattr(base, name).state_dict().items():
+            assert torch.equal(value, theirs[key]), f"{name}.{key}"
+
+
 def test_single_file_fp16_and_refusal_to_overwrite(tiny_sd_struct, tmp_path):
     target = tmp_path / "model.safetensors"
     _export(tiny_sd_struct, target, single_file=True)  # default --dtype fp16
@@ -283,6 +299,24 @@ def test_diffusers_folder_at_each_dtype(tiny_sd, tmp_path):
     with pytest.raises(UserError, match="--force"):
         _export(tiny_sd, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp16", "fp32"]
+
+
+def test_full_fine_tune_run_exports_only_the_pipeline_and_its_model_card(tiny_sd3, image_folder, tmp_path):
+    import shutil
+
+    run = tmp_path / "sd3-run"
+    shutil.copytree(tiny_sd3, run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({
+        "model": {"pretrained": str(tiny_sd3)}, "method": {"type": "full"}, "data": {"dataset": str(image_folder)},
+        "train": {"max_steps": 1}, "output_dir": str(run)}))
+    (run / "README.md").write_text("# sd3-run\n")
+    (run / "checkpoints" / "step-1").mkdir(parents=True)
+    out = tmp_path / "export"
+    assert _export(run, out, dtype="bf16") == [out]
+    assert (out / "README.md").read_text() == "# sd3-run\n"
+    assert not (out / "checkpoints").exists() and not (out / "recipe.yaml").exists()
+    weights, _ = _read(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
 
 
 def test_fuse_lora_into_a_diffusers_folder(tiny_sd, tmp_path):
@@ -444,6 +478,7 @@ def test_alpha_without_adapter_metadata_comes_from_the_recipe(tiny_sd, image_fol
     (dict(refiner="x"), "--refiner"),
     (dict(check=True), "--check"),
     (dict(name="bad name"), "--name"),
+    (dict(lora_scale=0.5), "--lora-scale"),
 ])
 def test_bad_arguments_name_the_flag(kwargs, flag, tiny_sd, tmp_path):
     with pytest.raises(UserError, match=flag):
@@ -475,3 +510,12 @@ def test_kohya_for_sd3_is_refused(tiny_sd3, tmp_path):
               str(lora))
     with pytest.raises(UserError, match="--lora-format kohya"):
         _export(tiny_sd3, tmp_path / "o.safetensors", lora=str(lora), lora_format="kohya")
+
+
+def test_format_mar_is_handed_to_the_archive_writer(tiny_sd, tmp_path):
+    written = export_command(format="mar", model=str(tiny_sd), out=str(tmp_path / "serve"), name="tiny",
+                             archive_format="no-archive")
+    assert written == [tmp_path / "serve" / "model-store" / "tiny", tmp_path / "serve" / "config" / "config.properties"]
+    for flag, kwargs in (("--single-file", dict(single_file=True)), ("--lora-format", dict(lora_format="kohya"))):
+        with pytest.raises(UserError, match=flag):
+            export_command(format="mar", model=str(tiny_sd), out=str(tmp_path / "other"), **kwargs)

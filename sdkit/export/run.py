@@ -111,6 +111,8 @@ def export_command(
         raise UserError("--lora-format kohya: needs a LoRA (pass --lora, or a LoRA run folder as --model)")
     if lora_format == "kohya" and fuse_lora:
         raise UserError("--lora-format kohya: a fused LoRA is part of the model; drop --lora-format or --fuse-lora")
+    if lora_scale != 1.0 and not fuse_lora:
+        raise UserError("--lora-scale: only used with --fuse-lora (an unfused LoRA's strength is set where it is loaded)")
     if single_file and lora_ref and not fuse_lora:
         raise UserError("--single-file: writes a full checkpoint; add --fuse-lora to merge the LoRA into it, "
                         "or drop --single-file to export the LoRA file")
@@ -163,9 +165,6 @@ def _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fus
         raise UserError("--lora-format: only used with --format safetensors")
     if fuse_lora and not lora_ref:
         raise UserError("--fuse-lora: no LoRA to fuse (pass --lora, or a LoRA run folder as --model)")
-    for flag, value in (("--max-steps", max_steps), ("--max-size", max_size), ("--max-batch", max_batch)):
-        if value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
     if refiner:
         from sdkit.models import resolve_model
 
@@ -180,15 +179,5 @@ def _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fus
     if check:
         from sdkit.export.torchserve import check_archive
 
-        archive_name = name or _archive_name(written)
-        check_archive(str(out_path), archive_name)
+        check_archive(str(out_path), name)  # name None: the one model the exported config serves
     return written
-
-
-def _archive_name(written: list[Path]) -> str:
-    """The model name mar.py chose, read off the archive it wrote (model-store/NAME.mar)."""
-    for path in written:
-        p = Path(path)
-        if p.parent.name == "model-store":
-            return p.name[: -len(".mar")] if p.name.endswith(".mar") else p.name
-    raise UserError("--check: the export wrote no model-store/NAME.mar to check")

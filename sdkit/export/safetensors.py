@@ -33,7 +33,6 @@ _ARCHITECTURES = {
     ("sdxl_refiner", "v_prediction"): "stable-diffusion-xl-v1-refiner",
 }
 _SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-_LDM_IMPLEMENTATION = "https://github.com/Stability-AI/stablediffusion"
 
 
 def torch_dtype(name: str):
@@ -100,10 +99,8 @@ def modelspec_metadata(info: ModelInfo, *, title: str, lora: bool, resolution: O
     arch = _ARCHITECTURES.get((info.layout, info.prediction_type))
     if arch is None:
         return {}
-    if lora:
-        implementation = _SGM_IMPLEMENTATION if info.layout == "sdxl" else "diffusers"
-    else:
-        implementation = _SGM_IMPLEMENTATION if info.layout.startswith("sdxl") else _LDM_IMPLEMENTATION
+    # As kohya writes them: SD 1.x/2.x LoRAs use diffusers module names, everything else SGM's.
+    implementation = "diffusers" if lora and info.layout in ("sd1", "sd2") else _SGM_IMPLEMENTATION
     size = resolution or info.resolution
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
