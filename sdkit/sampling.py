@@ -167,14 +167,14 @@ def load_pipeline(
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
     extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
-    pipe = AutoPipelineForText2Image.from_pretrained(resolved.base, **_dtype_kwarg(torch_dtype), **extra)
+    pipe = AutoPipelineForText2Image.from_pretrained(resolved.base, **dtype_kwarg(torch_dtype), **extra)
     for i, path in enumerate(loras):
         _load_lora(pipe, path, f"lora{i}")
     if loras:
         pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=[lora_scale] * len(loras))
     refiner_pipe = None
     if refiner:
-        refiner_pipe = AutoPipelineForImage2Image.from_pretrained(resolved_refiner.base, **_dtype_kwarg(torch_dtype))
+        refiner_pipe = AutoPipelineForImage2Image.from_pretrained(resolved_refiner.base, **dtype_kwarg(torch_dtype))
     if scheduler:
         for p in (pipe, refiner_pipe):
             if p is not None:
@@ -206,7 +206,7 @@ def quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _dtype_kwarg(torch_dtype) -> dict:
+def dtype_kwarg(torch_dtype) -> dict:
     """diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype`; older ones know only the first."""
     import diffusers
     from packaging.version import Version

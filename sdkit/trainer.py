@@ -478,8 +478,10 @@ class Trainer:
         if getattr(self, "_refiner_pipe", None) is None:
             from diffusers import DiffusionPipeline
 
+            from sdkit.sampling import dtype_kwarg
+
             # Kept on the CPU between validations: it must not cost training memory.
-            self._refiner_pipe = DiffusionPipeline.from_pretrained(ref, torch_dtype=self.weight_dtype)
+            self._refiner_pipe = DiffusionPipeline.from_pretrained(ref, **dtype_kwarg(self.weight_dtype))
         return self._refiner_pipe
 
     # -- the end

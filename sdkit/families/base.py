@@ -32,17 +32,20 @@ class Family:
         """Load every component from a hub id or folder (recipe `model` section)."""
         import diffusers
 
+        from sdkit.sampling import dtype_kwarg, quiet_loading
+
+        quiet_loading()
         pipe_cls = getattr(diffusers, cls.pipeline_class)
         kwargs: dict[str, Any] = dict(cls.load_overrides(model_cfg, dtype))
         if model_cfg.vae:
             from diffusers import AutoencoderKL
 
-            kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, torch_dtype=dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, **dtype_kwarg(dtype))
         pipe = pipe_cls.from_pretrained(
             model_cfg.pretrained,
             revision=model_cfg.revision,
             variant=model_cfg.variant,
-            torch_dtype=dtype,
+            **dtype_kwarg(dtype),
             **kwargs,
         )
         return cls(dict(pipe.components))

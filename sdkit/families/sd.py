@@ -30,6 +30,10 @@ class StableDiffusion(Family):
         # Training never needs the NSFW checker; leaving it out saves ~1.2 GB.
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
+    def pipeline(self, **replace):
+        # The checker is left out on purpose (see load_overrides); say so to diffusers.
+        return super().pipeline(requires_safety_checker=False, **replace)
+
     def encode_text(self, captions):
         encoder = self.components["text_encoder"]
         ids = clip_token_ids(self.components["tokenizer"], captions).to(encoder.device)
