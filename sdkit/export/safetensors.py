@@ -17,8 +17,6 @@ from typing import Optional
 from sdkit.atomic import atomic_dir, atomic_write_path
 from sdkit.errors import UserError
 
-DTYPES = ("fp16", "bf16", "fp32")
-LORA_FORMATS = ("peft", "kohya")
 MODEL_CARD = "README.md"
 
 # modelspec (https://github.com/Stability-AI/ModelSpec) architecture ids, as kohya and ComfyUI use them.

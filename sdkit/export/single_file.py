@@ -125,7 +125,7 @@ _VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": 
 
 def _vae_name(name: str, n_levels: int) -> str:
     fixed = {"conv_norm_out": "norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
-    if m := re.fullmatch(r"(quant_conv|post_quant_conv)\.(.+)", name):
+    if re.fullmatch(r"(quant_conv|post_quant_conv)\.(.+)", name):
         return name
     coder, _, rest = name.partition(".")
     if coder not in ("encoder", "decoder"):
