@@ -47,10 +47,10 @@ def make_lora(model: Path, out_dir: Path) -> Path:
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in pipe.unet.named_parameters():
-            if "lora_B" in name:  # zero at init: give the LoRA an effect to observe
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    with torch.no_grad():  # seeded weights (B is zero at init): a LoRA with a clear, repeatable effect
+        for name, param in sorted(pipe.unet.named_parameters()):
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
     return out_dir / "pytorch_lora_weights.safetensors"

@@ -526,7 +526,12 @@ class DiffusionService:
         return [encode_png(image) for image in images], seeds
 
     def run(self, request: Request, context, idx: int):
+        started = time.perf_counter()
         results = [self.generate(job) for job in request.jobs]
+        logger.info(
+            "sdkit handler: %s request, %d image(s) in %.2f s", request.kind,
+            sum(job.image_count for job in request.jobs), time.perf_counter() - started,
+        )
         manifest_model = (getattr(context, "manifest", None) or {}).get("model", {})
         model_name = manifest_model.get("modelName") or getattr(context, "model_name", None) or "model"
         request_id = _request_id(context, idx)
