@@ -92,6 +92,7 @@ def export_mar(
     existing = [p for p in others if p.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it")
+    manifest = _manifest(name)  # also fails early when torch-model-archiver is missing
     store.mkdir(parents=True, exist_ok=True)
 
     serve_config = {
@@ -115,17 +116,13 @@ def export_mar(
         (stage / SERVE_CONFIG).write_text(json.dumps(serve_config, indent=2) + "\n")
         (stage / MODEL_CONFIG).write_text(model_config_yaml())
 
-    manifest = _manifest(name)
-    for stale in existing:  # --force: a previous export of this name in another format goes too
-        if stale != archive:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if archive_format == "no-archive":
         # Copies, never hard links: the folder outlives this call and must not change with the source.
         with atomic_dir(archive, overwrite=True) as stage:
             fill(stage, link=False)
             _write_archive(stage, stage.name, stage.parent, manifest, archive_format)
     else:
-        with tempfile.TemporaryDirectory(prefix=f".{name}.staging-", dir=store) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".{name}.staging-", dir=out) as tmp:
             stage = Path(tmp) / "content"
             stage.mkdir()
             fill(stage, link=True)  # hard links are fine here: the staging folder is deleted after zipping
@@ -133,6 +130,9 @@ def export_mar(
             with atomic_write_path(archive) as target:
                 os.replace(Path(tmp) / archive.name, target)
 
+    for stale in existing:  # --force: a previous export of this name in another format goes too
+        if stale != archive:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     marname = archive.name
     with atomic_write_path(config_path) as target:
         target.write_text(config_properties(name, marname, max_size=max_size, max_batch=max_batch, previous=config_path))
@@ -251,8 +251,11 @@ def _place(src: Path, dst: Path, *, link: bool) -> None:
 
 
 def _manifest(name: str) -> str:
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-    from model_archiver.model_packaging_utils import ModelExportUtils
+    try:
+        from model_archiver.model_archiver_config import ModelArchiverConfig
+        from model_archiver.model_packaging_utils import ModelExportUtils
+    except ImportError:
+        raise UserError("--format mar needs torch-model-archiver: pip install 'sdkit[serve]'") from None
 
     config = ModelArchiverConfig(model_name=name, handler=HANDLER_NAME, version="1.0", config_file=MODEL_CONFIG)
     return ModelExportUtils.generate_manifest_json(config)
@@ -260,10 +263,8 @@ def _manifest(name: str) -> str:
 
 def _write_archive(stage: Path, name: str, export_dir: Path, manifest: str, archive_format: str) -> None:
     """torch-model-archiver's own writer, given our staged folder (its CLI would copy it to /tmp first)."""
-    try:
-        from model_archiver.model_packaging_utils import ModelExportUtils
-    except ImportError:
-        raise UserError("--format mar needs torch-model-archiver: pip install 'sdkit[serve]'") from None
+    from model_archiver.model_packaging_utils import ModelExportUtils
+
     ModelExportUtils.archive(str(export_dir), name, str(stage), manifest, archive_format)
 
 
