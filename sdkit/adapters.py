@@ -92,12 +92,13 @@ class LoRA:
 
     def save(self, family: Family, modules: list[torch.nn.Module], out: Path) -> list[Path]:
         import diffusers
-        from diffusers.utils import convert_state_dict_to_diffusers
 
         kwargs = {}
         attrs = [family.denoiser_attr, *family.text_encoder_attrs[: len(modules) - 1]]
         for attr, module in zip(attrs, modules):
-            kwargs[f"{attr}_lora_layers"] = convert_state_dict_to_diffusers(self.trainable_state(module))
+            # peft's own key names, as they are: converting them to the older diffusers names
+            # renames only attention projections, and a file mixing both styles loads partly.
+            kwargs[f"{attr}_lora_layers"] = self.trainable_state(module)
             kwargs[f"{attr}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         pipe_cls = getattr(diffusers, family.pipeline_class)
         pipe_cls.save_lora_weights(out, safe_serialization=True, **kwargs)

@@ -103,6 +103,17 @@ class EMA:
                 p.copy_(self.shadow[n].to(p.dtype))
 
 
+def _fresh_accelerator_state() -> None:
+    """accelerate keeps one global state per process; a second run in the same process
+    (bench --compare, tests, notebooks) may want another precision. Never reset inside a
+    distributed launch, where the state holds the process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 
@@ -138,6 +149,7 @@ class Trainer:
         if cuda and r.train.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        _fresh_accelerator_state()
         self.accelerator = acc = Accelerator(
             cpu=not cuda,
             mixed_precision=r.train.mixed_precision,

@@ -203,3 +203,21 @@ def test_memory_savers_and_loss_options_train(tiny_sd, images, tmp_path):
     lora = trainer.trainable_state()
     assert all(v.dtype == torch.float32 for v in lora.values())  # adapters train in fp32 under bf16
     assert list((out / "logs").rglob("events.out.tfevents*"))
+
+
+def test_lora_beyond_attention_loads_completely(tiny_sd, images, tmp_path):
+    """Every trained adapter comes back in diffusers, also for targets outside attention."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out = tmp_path / "run"
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
+    recipe = write_recipe(tmp_path, tiny_sd, images, out, train={"max_steps": 3},
+                          method={"type": "lora", "rank": 4, "target_modules": targets})
+    trained = train_recipe(recipe).trainable_state()
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.load_lora_weights(out, adapter_name="run")
+    loaded = get_peft_model_state_dict(pipe.unet, adapter_name="run")
+    assert len(loaded) == len(trained) and any("ff.net.2" in k for k in loaded)
+    for key, value in trained.items():
+        assert torch.equal(loaded[key], value), key
