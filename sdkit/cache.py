@@ -32,9 +32,21 @@ def cache_key(recipe, family_name: str, dtype: torch.dtype) -> str:
         "resolution": recipe.data.resolution,
         "center_crop": recipe.data.center_crop,
         "dtype": str(dtype),
+        "weights": _encoder_weight_files(recipe.model.pretrained) + _encoder_weight_files(recipe.model.vae),
         "format": 1,
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _encoder_weight_files(ref) -> list:
+    """(file, size, mtime) of a local folder's VAE and text-encoder weights: a model replaced
+    in place keeps its path, and the path alone would hand back the old encoders' latents."""
+    if not ref or not os.path.isdir(ref):
+        return []  # a hub id: its revision is in the key
+    root = Path(ref)
+    files = [p for pattern in ("*", "vae/*", "text_encoder*/*") for p in root.glob(pattern)
+             if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    return sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files)
 
 
 def _digest(record, flip: bool) -> str:
