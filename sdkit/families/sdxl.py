@@ -1,0 +1,75 @@
+"""Stable Diffusion XL: two CLIP text encoders, pooled text embeddings, size/crop micro-conditioning.
+
+The UNet conditions on the penultimate hidden states of both encoders side by side, and,
+through `added_cond_kwargs`, on the pooled (projected) embedding of text_encoder_2 plus six
+"time ids" per image: its original size (h, w), the top-left of the crop taken from the
+resized image (top, left), and the target size. Training passes each image's real values so
+the model learns what a crop looks like, and sampling asks for an uncropped full-size image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdkit.errors import UserError
+from sdkit.families.base import Family
+from sdkit.families.sd import clip_token_ids
+
+
+def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: int) -> torch.Tensor:
+    """[B, 6] float: (orig h, orig w, crop top, crop left, target h, target w) per image."""
+    target = torch.tensor([target_size, target_size], dtype=torch.long).expand(original_size.shape[0], 2)
+    return torch.cat([original_size.long(), crop_top_left.long(), target], dim=1).float()
+
+
+class StableDiffusionXL(Family):
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    tokenizer_attrs = ("tokenizer", "tokenizer_2")
+
+    @classmethod
+    def load(cls, model_cfg, dtype: torch.dtype = torch.float32) -> "StableDiffusionXL":
+        from sdkit.models import read_model_index
+
+        # The refiner is an img2img model with only text_encoder_2 and aesthetic-score time ids;
+        # sdkit uses it for sampling (model.refiner), it does not train it.
+        index = read_model_index(model_cfg.pretrained, model_cfg.revision)
+        if (index.get("text_encoder") or [None])[0] is None:
+            raise UserError(
+                f"model.pretrained: '{model_cfg.pretrained}' is an SDXL refiner (no text_encoder); "
+                "train the SDXL base model and pass the refiner as model.refiner for sample images"
+            )
+        return super().load(model_cfg, dtype)
+
+    # --- encoding -------------------------------------------------------------
+    def encode_text(self, captions):
+        hidden, pooled = [], None
+        for tokenizer_attr, encoder_attr in zip(self.tokenizer_attrs, self.text_encoder_attrs):
+            encoder = self.components[encoder_attr]
+            ids = clip_token_ids(self.components[tokenizer_attr], captions).to(encoder.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
+            pooled = getattr(out, "text_embeds", None)  # only text_encoder_2 has a projection
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def encode_images(self, pixels):
+        vae = self.vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # The stock SDXL VAE overflows in fp16 (NaN latents): encode in fp32, as the pipeline
+            # decodes. A VAE fixed for fp16 (madebyollin/sdxl-vae-fp16-fix) says force_upcast: false.
+            vae.to(torch.float32)
+            try:
+                return super().encode_images(pixels)
+            finally:
+                vae.to(torch.float16)
+        return super().encode_images(pixels)
+
+    # --- denoising ------------------------------------------------------------
+    def conditioning(self, text, batch, resolution):
+        pooled = text["pooled_prompt_embeds"]
+        ids = time_ids(batch["original_size"], batch["crop_top_left"], resolution)
+        return {
+            "encoder_hidden_states": text["prompt_embeds"],
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)},
+        }
