@@ -241,30 +241,12 @@ class SdkitRunner:
             with timer.phase("backward"):
                 t.accelerator.backward(loss / self.accum)
         with timer.phase("optimizer"):
-            _optimizer_step(t)
+            t.optimizer_step()
         return loss.detach().float().item()
 
     def close(self) -> None:
         self.trainer.accelerator.free_memory()
         self.trainer = self.batches = None
-
-
-def _optimizer_step(trainer) -> None:
-    step = getattr(trainer, "optimizer_step", None)
-    if step is not None:
-        step()
-        return
-    # The same calls as the optimizer step inside Trainer._loop, for a trainer that does not
-    # expose them as Trainer.optimizer_step() yet.
-    r, acc = trainer.recipe, trainer.accelerator
-    if r.optim.max_grad_norm:
-        acc.clip_grad_norm_(trainer.params, r.optim.max_grad_norm)
-    trainer.optimizer.step()
-    trainer.lr_scheduler.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.state.step += 1
-    if trainer.ema:
-        trainer.ema.update(acc.unwrap_model(trainer.modules[0]), trainer.state.step)
 
 
 # ----------------------------------------------------------------- the plain reference loop

@@ -151,12 +151,22 @@ def bench(
     overrides: Optional[List[str]] = OverridesArg,
     steps: int = typer.Option(20, "--steps", min=1, help="Timed steps."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed warm-up steps."),
-    compare: Optional[List[str]] = typer.Option(None, "--compare", help="KEY=VALUE for a second variant."),
+    compare: Optional[List[str]] = typer.Option(
+        None, "--compare", help="KEY=VALUE for a second variant (repeat: all together form one variant)."
+    ),
+    baseline: bool = typer.Option(
+        False, "--baseline", help="Also time a plain hand-written diffusers loop on the same model and data (SD 1.x/2.x)."
+    ),
+    rounds: int = typer.Option(
+        1, "--rounds", min=1, help="Time the variants in R alternating blocks (shared machines; all stay in memory)."
+    ),
+    clock: str = typer.Option("wall", "--clock", help="wall, or cpu: this process's CPU time (steady on a shared CPU)."),
 ):
     """Time training steps of a recipe; --compare runs a variant and prints the ratio."""
     from sdkit.bench import bench_command
 
-    bench_command(str(recipe), overrides or [], steps=steps, warmup=warmup, compare=compare or [])
+    bench_command(str(recipe), overrides or [], steps=steps, warmup=warmup, compare=compare or [],
+                  baseline=baseline, rounds=rounds, clock=clock)
 
 
 @app.command()

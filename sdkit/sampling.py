@@ -141,14 +141,15 @@ def load_pipeline(
     its base model plus its LoRA). `offload=None` decides by free GPU memory whether base
     and refiner both stay on the GPU or move there only while they run.
     """
-    from sdkit.families import detect_family
+    from sdkit.families import detect_family, family_class
     from sdkit.models import read_model_index, resolve_lora, resolve_model
 
     check_scheduler_name(scheduler)
     resolved = resolve_model(model_ref, "--model")
     family = detect_family(resolved.base, key="--model")
+    family_cls = family_class(family)
     check_scheduler_name(scheduler, family)
-    if family == "sdxl" and _is_refiner_only(read_model_index(resolved.base)):
+    if family_cls.is_refiner_only(read_model_index(resolved.base)):
         raise UserError(f"--model: '{model_ref}' is an SDXL refiner (image-to-image only); pass it as --refiner")
     loras = [resolved.lora] if resolved.lora else []
     if lora:
@@ -157,7 +158,8 @@ def load_pipeline(
         resolved_refiner = resolve_model(refiner, "--refiner")
         if resolved_refiner.lora:
             raise UserError(f"--refiner: '{refiner}' is a LoRA run; a refiner must be a full SDXL refiner model")
-        if family != "sdxl" or detect_family(resolved_refiner.base, key="--refiner") != "sdxl":
+        refiner_family = family_class(detect_family(resolved_refiner.base, key="--refiner"))
+        if not (family_cls.refiner_capable and refiner_family.refiner_capable):
             raise UserError("--refiner: a refiner works with SDXL base models and SDXL refiners only")
 
     device_name = pick_device(device)
@@ -166,7 +168,7 @@ def load_pipeline(
 
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-    extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    extra = family_cls.pipeline_load_kwargs()
     pipe = AutoPipelineForText2Image.from_pretrained(resolved.base, **dtype_kwarg(torch_dtype), **extra)
     for i, path in enumerate(loras):
         _load_lora(pipe, path, f"lora{i}")
@@ -190,11 +192,6 @@ def load_pipeline(
     )
     return pipe, refiner_pipe, info
 
-
-def _is_refiner_only(index: dict) -> bool:
-    """An SDXL refiner ships no first text encoder, so it cannot start from text alone."""
-    encoder = index.get("text_encoder")
-    return not encoder or encoder[0] is None
 
 
 def quiet_loading() -> None:

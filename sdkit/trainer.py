@@ -76,8 +76,10 @@ def make_optimizer(params, optim):
         except ImportError as e:  # pragma: no cover - a dependency, but give a clear message
             raise UserError(f"optim.name: adamw8bit needs bitsandbytes ({e})") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    # foreach is the fast path on GPU; fused needs every param on CUDA.
-    fused = all(p.is_cuda for p in params) and torch.cuda.is_available()
+    # Fused AdamW (one kernel for all parameters) runs on CUDA and, since torch 2.4, on the CPU,
+    # where it is ~4x faster than the per-parameter loop. The parameters are still on the CPU
+    # here (accelerate moves them in prepare), so decide by the device training will use.
+    fused = not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available() and not torch.cuda.is_available())
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
@@ -342,14 +344,7 @@ class Trainer:
                     window_loss += loss.detach().float().item() / accum
                     if not sync:
                         continue
-                    if r.optim.max_grad_norm:
-                        acc.clip_grad_norm_(self.params, r.optim.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    st.step += 1
-                    if self.ema:
-                        self.ema.update(acc.unwrap_model(self.modules[0]), st.step)
+                    self.optimizer_step()
                     lr = self.lr_scheduler.get_last_lr()[0]
                     self.last_loss = window_loss
                     self.loss_history.append(window_loss)
@@ -368,6 +363,19 @@ class Trainer:
                 else:
                     st.epoch += 1
                     st.batch_in_epoch = 0
+
+    def optimizer_step(self) -> None:
+        """Everything after the last micro-batch's backward: clip, step, schedule, clear the
+        gradients, count the step, update the EMA (`sdkit bench` times it on its own)."""
+        r, acc = self.recipe, self.accelerator
+        if r.optim.max_grad_norm:
+            acc.clip_grad_norm_(self.params, r.optim.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        if self.ema:
+            self.ema.update(acc.unwrap_model(self.modules[0]), self.state.step)
 
     def _no_sync(self, skip_sync: bool):
         """Gradient accumulation: no all-reduce on micro-batches that do not step."""

@@ -68,24 +68,18 @@ def read_component_config(base: str, component: str, filename: str = "config.jso
 
 
 def model_info(base: str) -> ModelInfo:
-    from sdkit.families import detect_family
-
-    family = detect_family(base, key="--model")
-    if family == "sd3":
-        return ModelInfo("sd3", None, "flow_matching", 1024, None)
+    from sdkit.families import detect_family, family_class
     from sdkit.models import read_model_index
 
+    family = detect_family(base, key="--model")
+    family_cls = family_class(family)
+    if family_cls.objective == "flow":  # SD3: no UNet, no original single-file layout
+        return ModelInfo(family, None, "flow_matching", 1024, None)
     index = read_model_index(base)
     unet = read_component_config(base, "unet")
     vae = read_component_config(base, "vae")
     scheduler = read_component_config(base, "scheduler", "scheduler_config.json")
-    if family == "sdxl":
-        has_first_encoder = (index.get("text_encoder") or [None])[0] is not None
-        layout = "sdxl" if has_first_encoder else "sdxl_refiner"
-    else:
-        # OpenAI CLIP (SD 1.x) uses quick_gelu; OpenCLIP ViT-H (SD 2.x) uses gelu.
-        act = read_component_config(base, "text_encoder").get("hidden_act", "quick_gelu")
-        layout = "sd1" if act == "quick_gelu" else "sd2"
+    layout = family_cls.single_file_layout(index, lambda component: read_component_config(base, component))
     vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     resolution = int(unet.get("sample_size") or 64) * vae_factor
     return ModelInfo(family, layout, scheduler.get("prediction_type", "epsilon"), resolution, unet)

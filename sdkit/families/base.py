@@ -23,6 +23,9 @@ class Family:
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
+    # the family can hand latents to an img2img refiner (SDXL's ensemble of experts)
+    refiner_capable: ClassVar[bool] = False
+
     def __init__(self, components: dict[str, Any]):
         self.components = components
 
@@ -52,8 +55,24 @@ class Family:
 
     @classmethod
     def load_overrides(cls, model_cfg, dtype) -> dict[str, Any]:
-        """Extra from_pretrained kwargs a family needs (e.g. leave SD3's T5 out)."""
+        """Extra from_pretrained kwargs a family needs for training (e.g. leave SD3's T5 out)."""
+        return cls.pipeline_load_kwargs()
+
+    @classmethod
+    def pipeline_load_kwargs(cls) -> dict[str, Any]:
+        """Extra from_pretrained kwargs whenever a pipeline of this family is loaded."""
         return {}
+
+    @classmethod
+    def is_refiner_only(cls, model_index: dict) -> bool:
+        """True for a folder that can only refine (img2img), never start from text."""
+        return False
+
+    @classmethod
+    def single_file_layout(cls, model_index: dict, read_config) -> Optional[str]:
+        """The original (A1111/ComfyUI) checkpoint layout of this model, or None if it has none.
+        read_config(component) returns that component's config.json as a dict."""
+        return None
 
     # --- components -----------------------------------------------------------
     @property

@@ -26,9 +26,15 @@ class StableDiffusion(Family):
     pipeline_class = "StableDiffusionPipeline"
 
     @classmethod
-    def load_overrides(cls, model_cfg, dtype):
-        # Training never needs the NSFW checker; leaving it out saves ~1.2 GB.
+    def pipeline_load_kwargs(cls):
+        # sdkit never runs the NSFW checker; leaving it out saves ~1.2 GB.
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    @classmethod
+    def single_file_layout(cls, model_index, read_config):
+        # OpenAI CLIP (SD 1.x) uses quick_gelu; OpenCLIP ViT-H (SD 2.x) uses gelu.
+        act = read_config("text_encoder").get("hidden_act", "quick_gelu")
+        return "sd1" if act == "quick_gelu" else "sd2"
 
     def pipeline(self, **replace):
         # The checker is left out on purpose (see load_overrides); say so to diffusers.

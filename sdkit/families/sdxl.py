@@ -27,15 +27,24 @@ class StableDiffusionXL(Family):
     pipeline_class = "StableDiffusionXLPipeline"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
+    refiner_capable = True
+
+    @classmethod
+    def is_refiner_only(cls, model_index):
+        # The refiner is an img2img model with only text_encoder_2 and aesthetic-score time ids.
+        return (model_index.get("text_encoder") or [None])[0] is None
+
+    @classmethod
+    def single_file_layout(cls, model_index, read_config):
+        return "sdxl_refiner" if cls.is_refiner_only(model_index) else "sdxl"
 
     @classmethod
     def load(cls, model_cfg, dtype: torch.dtype = torch.float32) -> "StableDiffusionXL":
         from sdkit.models import read_model_index
 
-        # The refiner is an img2img model with only text_encoder_2 and aesthetic-score time ids;
-        # sdkit uses it for sampling (model.refiner), it does not train it.
+        # sdkit uses the refiner for sampling (model.refiner), it does not train it.
         index = read_model_index(model_cfg.pretrained, model_cfg.revision)
-        if (index.get("text_encoder") or [None])[0] is None:
+        if cls.is_refiner_only(index):
             raise UserError(
                 f"model.pretrained: '{model_cfg.pretrained}' is an SDXL refiner (no text_encoder); "
                 "train the SDXL base model and pass the refiner as model.refiner for sample images"
