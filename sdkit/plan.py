@@ -34,25 +34,54 @@ def cache_used(recipe) -> bool:
     return recipe.data.cache and not recipe.method.train_text_encoder and recipe.data.center_crop
 
 
+def _is_t5(component) -> bool:
+    return component.class_name == "T5EncoderModel"
+
+
 def _text_encoders_loaded(recipe, model) -> list:
     """Text encoders the trainer loads (SD3 without T5 when model.load_t5 is false)."""
-    return [
-        te for te in model.text_encoders
-        if not (te.class_name == "T5EncoderModel" and model.family == "sd3" and not recipe.model.load_t5)
-    ]
+    return [te for te in model.text_encoders if not (_is_t5(te) and not recipe.model.load_t5)]
+
+
+def _text_encoders_trained(recipe, model) -> list:
+    """method.train_text_encoder trains the CLIP encoders; SD3's T5 stays frozen (sdkit.families.sd3)."""
+    if not recipe.method.train_text_encoder:
+        return []
+    return [te for te in _text_encoders_loaded(recipe, model) if not _is_t5(te)]
+
+
+def _text_tokens(model) -> int:
+    """Length of the denoiser's text input: 77 CLIP tokens, plus T5's for SD3 (as the family encodes)."""
+    from sdkit.plan_trace import CLIP_TOKENS
+
+    if model.family != "sd3":
+        return CLIP_TOKENS
+    from sdkit.families import family_class
+
+    return CLIP_TOKENS + family_class("sd3").t5_max_length
+
+
+def vae_config(recipe, model) -> Optional[dict]:
+    """The VAE the trainer uses: model.vae's config when readable, else the model's own."""
+    from sdkit.plan_configs import load_vae_config
+
+    base = model.vae.config if model.vae else None
+    return load_vae_config(recipe.model.vae, base) if recipe.model.vae else base
+
+
+def _vae_upcast(recipe, model, config: Optional[dict]) -> bool:
+    """SDXL's stock VAE overflows in fp16: the family encodes and the pipeline decodes in fp32."""
+    return bool(config) and model.family == "sdxl" and recipe.train.mixed_precision == "fp16" \
+        and config.get("force_upcast", True)
 
 
 def step_spec(recipe, model, **changes):
     """The StepSpec of a recipe on a model architecture, with optional changes."""
-    from sdkit.plan_trace import CLIP_TOKENS, SD3_LORA_TARGETS, T5_TOKENS, UNET_LORA_TARGETS, StepSpec, TextEncoderSpec
+    from sdkit.plan_trace import CLIP_TOKENS, SD3_LORA_TARGETS, UNET_LORA_TARGETS, StepSpec, TextEncoderSpec
 
     m, t, v = recipe.method, recipe.train, recipe.validation
-    trained = ()
-    if m.train_text_encoder:
-        trained = tuple(
-            TextEncoderSpec(te.class_name, te.config, T5_TOKENS if te.class_name.startswith("T5") else CLIP_TOKENS)
-            for te in _text_encoders_loaded(recipe, model)
-        )
+    trained = tuple(TextEncoderSpec(te.class_name, te.config, CLIP_TOKENS) for te in _text_encoders_trained(recipe, model))
+    vae = vae_config(recipe, model)
     default_targets = SD3_LORA_TARGETS if model.family == "sd3" else UNET_LORA_TARGETS
     spec = StepSpec(
         denoiser_class=model.denoiser.class_name,
@@ -69,10 +98,12 @@ def step_spec(recipe, model, **changes):
         resolution=recipe.data.resolution,
         gradient_accumulation=t.gradient_accumulation,
         ema=t.ema and m.type == "full",  # the trainer keeps an EMA for full fine-tunes only
-        vae_config=model.vae.config if model.vae else None,
+        vae_config=vae,
         encode_images=not cache_used(recipe),
         trained_text_encoders=trained,
         validation_batch=(2 if v.guidance > 1 else 1) if v.prompts else 0,  # CFG doubles the batch
+        text_tokens=_text_tokens(model),
+        vae_upcast=_vae_upcast(recipe, model, vae),
     )
     return replace(spec, **changes)
 
@@ -96,12 +127,20 @@ def _param_count(component) -> int:
 
 
 def frozen_encoder_bytes(recipe, model) -> dict[str, int]:
-    """Bytes of each frozen VAE / text encoder when on the GPU (trained encoders are traced instead)."""
+    """Bytes of each frozen VAE / text encoder when on the GPU (trained encoders are traced instead).
+
+    An upcast VAE (SDXL's stock VAE under fp16) is counted in fp32: it is while it encodes or decodes.
+    """
     bytes_per = 4 if recipe.train.mixed_precision == "no" else 2
-    parts = [model.vae] if model.vae else []
-    if not recipe.method.train_text_encoder:
-        parts += _text_encoders_loaded(recipe, model)
-    return {c.name: _param_count(c) * bytes_per for c in parts}
+    trained = {te.name for te in _text_encoders_trained(recipe, model)}
+    out = {}
+    if model.vae:
+        upcast = _vae_upcast(recipe, model, vae_config(recipe, model))
+        out["vae"] = _param_count(model.vae) * (4 if upcast else bytes_per)
+    for te in _text_encoders_loaded(recipe, model):
+        if te.name not in trained:
+            out[te.name] = _param_count(te) * bytes_per
+    return out
 
 
 # ------------------------------------------------------------------ estimate

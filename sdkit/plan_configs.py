@@ -124,3 +124,27 @@ def load_model_spec(pretrained: str, revision: Optional[str] = None) -> ModelSpe
         f"model.pretrained: no config for '{pretrained}' (not a local folder, not in the Hugging Face cache, "
         f"not shipped with sdkit; shipped: {', '.join(shipped_ids())})"
     )
+
+
+# VAEs known to be drop-in replacements that run in fp16 (sdkit never downloads their configs)
+FP16_SAFE_VAES = {"madebyollin/sdxl-vae-fp16-fix"}
+
+
+def load_vae_config(ref: str, base: Optional[dict]) -> Optional[dict]:
+    """Config of a separate VAE (model.vae): a local folder or the HF cache; else the base VAE's
+    architecture (replacement VAEs share it), marked fp16-safe for the known fp16-fixed ones."""
+    local = Path(os.path.expanduser(ref))
+    for candidate in (local / "config.json", local / "vae" / "config.json"):
+        if candidate.is_file():
+            return _read_json(candidate)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref, "config.json")
+    except Exception:
+        found = None
+    if isinstance(found, str):
+        return _read_json(Path(found))
+    if base is None:
+        return None
+    return {**base, "force_upcast": False} if ref in FP16_SAFE_VAES else base

@@ -51,10 +51,9 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
-# Text lengths the families feed the denoiser: CLIP's 77 tokens; SD3 adds T5's 256
-# (zeros when T5 is not loaded, as diffusers' SD3 pipeline does).
+# Text length the families feed the denoiser: CLIP's 77 tokens (SD3 adds its T5 tokens,
+# StepSpec.text_tokens; zeros when T5 is not loaded).
 CLIP_TOKENS = 77
-T5_TOKENS = 256
 
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -92,6 +91,8 @@ class StepSpec:
     encode_images: bool = False  # False: latents come from the cache
     trained_text_encoders: tuple[TextEncoderSpec, ...] = ()
     validation_batch: int = 0  # >0: also trace sampling (denoiser at this batch, VAE decode of one image)
+    text_tokens: int = CLIP_TOKENS  # length of encoder_hidden_states
+    vae_upcast: bool = False  # the VAE runs in fp32 (SDXL's stock VAE under fp16)
 
     @property
     def is_sd3(self) -> bool:
@@ -347,12 +348,12 @@ def _denoiser_inputs(spec: StepSpec, batch: int, cond_dtype: torch.dtype) -> dic
     cfg = spec.denoiser_config
     if spec.is_sd3:
         return {
-            "encoder_hidden_states": torch.zeros(batch, CLIP_TOKENS + T5_TOKENS, cfg["joint_attention_dim"], dtype=cond_dtype),
+            "encoder_hidden_states": torch.zeros(batch, spec.text_tokens, cfg["joint_attention_dim"], dtype=cond_dtype),
             "pooled_projections": torch.zeros(batch, cfg["pooled_projection_dim"], dtype=cond_dtype),
         }
     cross = cfg["cross_attention_dim"]
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    inputs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(batch, CLIP_TOKENS, cross, dtype=cond_dtype)}
+    inputs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(batch, spec.text_tokens, cross, dtype=cond_dtype)}
     if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size/crop ids
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         inputs["added_cond_kwargs"] = {
@@ -479,7 +480,8 @@ def _set_up(spec: StepSpec, fake: bool) -> _Setup:
     vae = None
     if (spec.encode_images or spec.validation_batch) and spec.vae_config:
         vae = _build_vae(spec.vae_config)
-        _materialize(vae, lambda t: weight_dtype if t.is_floating_point() else t.dtype, fake)
+        vae_dtype = torch.float32 if spec.vae_upcast else weight_dtype
+        _materialize(vae, lambda t: vae_dtype if t.is_floating_point() else t.dtype, fake)
         vae.eval()
 
     trainable = [p for m in (denoiser, *encoders) for p in m.parameters() if p.requires_grad]
@@ -502,7 +504,7 @@ def _train_step(s: _Setup, tracker: StepMemTracker) -> None:
     if spec.encode_images and s.vae is not None:
         tracker.phase = "encode"
         with torch.no_grad():
-            pixels = torch.zeros(b, 3, spec.resolution, spec.resolution, dtype=s.weight_dtype)
+            pixels = torch.zeros(b, 3, spec.resolution, spec.resolution, dtype=s.vae.dtype)
             moments = s.vae.encode(pixels).latent_dist.parameters
             del pixels
     else:  # cached posterior moments, as the latent cache stores them
@@ -552,7 +554,7 @@ def _sample_images(s: _Setup, tracker: StepMemTracker) -> None:
         del out, sample, inputs
         if s.vae is not None:
             latent_channels = s.spec.vae_config.get("latent_channels", s.channels)
-            image = s.vae.decode(torch.zeros(1, latent_channels, side, side, dtype=s.weight_dtype)).sample
+            image = s.vae.decode(torch.zeros(1, latent_channels, side, side, dtype=s.vae.dtype)).sample
             del image
 
 
