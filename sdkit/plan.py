@@ -479,13 +479,15 @@ def _print_report(console, est: Estimate, n: dict, singles, combo) -> None:
         ("weights", b["weights"], f"{_count(n['trainable_params'])} trainable (fp32)"),
         ("gradients", b["gradients"], ""),
         ("optimizer state", b["optimizer_state"], optimizer),
-        ("optimizer step temporaries", b["optimizer_temporaries"], "foreach AdamW" if b["optimizer_temporaries"] else ""),
+        ("optimizer step temporaries", b["optimizer_temporaries"], ""),
         ("EMA", b["ema"], "fp32 copy of the weights" if b["ema"] else ""),
         ("activations", b["activations"],
          f"incl. {b['autocast_weight_copies']:.2f} autocast weight copies" if b["autocast_weight_copies"] else ""),
         ("frozen encoders", b["frozen_encoders"], encoders),
     ]
     for name, gib, note in rows:
+        if name == "optimizer step temporaries" and gib < 0.01:
+            continue  # fused AdamW and AdamW8bit update in place
         table.add_row(name, f"{gib:.2f}", note)
     table.add_section()
     table.add_row("[bold]training step peak[/]", f"[bold]{n['peak_gib']:.2f}[/]", "tensors, as torch.cuda.max_memory_allocated")

@@ -29,10 +29,10 @@ How, and why this way (ENVIRONMENT.md, "Estimating GPU memory without a GPU"):
   workspaces and the CUDA context; `sdkit.plan` states them next to the figure.
 - The step mirrors `sdkit.trainer`: steady state (optimizer state already allocated; for
   gradient accumulation, gradients already held), mixed precision through autocast with fp32
-  trainable weights, LoRA adapters fp32 on a base in the weight dtype, torch AdamW on its
-  foreach path (its default on CUDA) or bitsandbytes AdamW8bit (emulated: same state tensors,
-  in-place update), EMA as one fp32 copy updated in place, latents from the cache or from a
-  VAE encode under no_grad.
+  trainable weights, LoRA adapters fp32 on a base in the weight dtype, torch's fused AdamW or
+  bitsandbytes AdamW8bit (emulated: same state tensors, in-place update), EMA as one fp32 copy
+  updated in place, latents from the cache or from a VAE encode under no_grad, and
+  validation sampling (denoiser on the CFG batch, VAE decode) when the recipe has prompts.
 
 The same code runs on real tensors (`fake=False`); the tests use that on a tiny model to check
 the traced figure against the bytes the CPU allocator actually handed out.
@@ -415,9 +415,9 @@ class AdamW8bitStates(torch.optim.Optimizer):
 def _make_optimizer(name: str, params):
     if name == "adamw8bit":
         return AdamW8bitStates(params)
-    # foreach=True: what torch picks on CUDA (its CPU default is the per-tensor loop, whose
-    # temporaries are smaller, so it must be asked for explicitly here).
-    return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    # Fused, as sdkit.trainer.make_optimizer builds it: one in-place kernel, no temporaries the
+    # size of the weights (the foreach path would add one fp32 copy at the step).
+    return torch.optim.AdamW(params, lr=1e-4, fused=True)
 
 
 # ------------------------------------------------------------------ the step

@@ -130,8 +130,12 @@ def allocator_peak(fn) -> tuple[object, int]:
         dict(method="lora", lora_rank=8, precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit",
              validation_batch=2),
         dict(method="full", precision="no", encode_images=True),
+        # wider and at 16 px: weights, gradients, AdamW state and EMA are most of the bytes
+        dict(method="full", precision="no", ema=True, gradient_accumulation=2, batch_size=1, resolution=16,
+             widths=[128, 256]),
     ],
-    ids=["full-fp32", "full-bf16-ckpt-ema-accum", "lora-bf16", "lora-ckpt-8bit-validation", "full-vae-encode"],
+    ids=["full-fp32", "full-bf16-ckpt-ema-accum", "lora-bf16", "lora-ckpt-8bit-validation", "full-vae-encode",
+         "weights-dominate"],
 )
 def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, settings):
     """The same step on real CPU tensors: the fake estimate vs the bytes the allocator handed out."""
@@ -139,8 +143,11 @@ def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, settings)
     from sdkit.plan_trace import StepSpec, trace_training_step
 
     model = load_model_spec(str(tiny_sd))
-    spec = StepSpec(model.denoiser.class_name, model.denoiser.config, batch_size=4, resolution=96,
-                    vae_config=model.vae.config, **settings)
+    settings = {"batch_size": 4, "resolution": 96, **settings}
+    config = dict(model.denoiser.config)
+    if "widths" in settings:
+        config["block_out_channels"] = settings.pop("widths")
+    spec = StepSpec(model.denoiser.class_name, config, vae_config=model.vae.config, **settings)
     fake = trace_training_step(spec)
     real, allocated = allocator_peak(lambda: trace_training_step(spec, fake=False))
     # VAE weights are not tracked (sdkit.plan adds them); the allocator counts them.
