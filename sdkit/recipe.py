@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdkit.errors import UserError
 
@@ -126,6 +126,12 @@ class TrainConfig(_Section):
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere and newer GPUs.")
     compile: bool = Field(False, description="torch.compile the denoiser.")
     channels_last: bool = Field(False, description="channels_last memory format for the UNet.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML reads a bare `no` (train.mixed_precision=no) as false.
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _length(self):

@@ -52,6 +52,7 @@ def test_defaults_and_overrides(tmp_path):
     assert r.validation.prompts == ["a", "b"]
     assert r.method.type == "full"
     assert r.data.cache is True and r.method.rank == 4
+    assert load_recipe(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
 def test_misspelled_key_names_key_file_and_close_match(tmp_path):
