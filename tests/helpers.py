@@ -69,3 +69,27 @@ def kill_after_checkpoint(recipe: Path, run_dir: Path, overrides=(), timeout: fl
     proc.stderr.close()
     assert code == -signal.SIGKILL, f"training was not killed mid-run (exit {code}):\n{err[-2000:]}"
     return code
+
+
+def check_resume_after_sigkill(tmp_path: Path, model, images, train: dict, **sections):
+    """Train once straight through, once killed after a checkpoint and resumed with
+    train.resume=auto; assert both end at the same step with the same trainable weights."""
+    straight = train_recipe(write_recipe(tmp_path, model, images, Path(tmp_path) / "straight", train=train, **sections))
+    out = Path(tmp_path) / "killed"
+    recipe = write_recipe(tmp_path, model, images, out, train={**train, "resume": "auto"}, **sections)
+    kill_after_checkpoint(recipe, out)
+    result_file = "pytorch_lora_weights.safetensors"
+    assert not (out / result_file).exists() and not (out / "model_index.json").exists()
+    resumed = train_recipe(recipe)
+    steps = train["max_steps"]
+    assert resumed.state.step == straight.state.step == steps
+    assert len(resumed.loss_history) < steps  # it really started from a checkpoint
+    a, b = straight.trainable_state(), resumed.trainable_state()
+    assert a.keys() == b.keys()
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff < 1e-6, f"resumed weights differ by {diff}"
+    if (out / result_file).exists():
+        from safetensors.torch import load_file
+
+        assert load_file(Path(tmp_path) / "straight" / result_file).keys() == load_file(out / result_file).keys()
+    return out

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import kill_after_checkpoint, loss_fell, train_recipe, write_recipe
+from helpers import check_resume_after_sigkill, loss_fell, train_recipe, write_recipe
 
 from sdkit.errors import UserError
 
@@ -249,22 +249,7 @@ def test_base_plus_refiner_uses_the_refiner(tiny_sdxl, tiny_sdxl_refiner):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_sdxl, images, tmp_path):
     steps = {"max_steps": 16, "checkpoint_every": 4, "checkpoints_keep": 2, "batch_size": 2}
-    straight = train_recipe(write_recipe(tmp_path, tiny_sdxl, images, tmp_path / "straight", train=steps))
-
-    out = tmp_path / "killed"
-    recipe = write_recipe(tmp_path, tiny_sdxl, images, out, train={**steps, "resume": "auto"})
-    kill_after_checkpoint(recipe, out)
-    assert not (out / "pytorch_lora_weights.safetensors").exists()
-    resumed = train_recipe(recipe)
-    assert resumed.state.step == straight.state.step == 16
-    assert len(resumed.loss_history) < 16  # it really started from a checkpoint
-
-    a, b = straight.trainable_state(), resumed.trainable_state()
-    assert a.keys() == b.keys()
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-6, f"resumed weights differ by {diff}"
-    assert load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors").keys() == \
-        load_file(out / "pytorch_lora_weights.safetensors").keys()
+    check_resume_after_sigkill(tmp_path, tiny_sdxl, images, steps)
 
 
 # ----------------------------------------------------------------- recipes

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import kill_after_checkpoint, loss_fell, train_recipe, write_recipe
+from helpers import check_resume_after_sigkill, loss_fell, train_recipe, write_recipe
 
 
 def generate(pipe, seed=0):
@@ -88,23 +88,7 @@ def test_v_prediction_is_read_from_the_scheduler(tiny_sd, tiny_sd2):
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_sd, images, tmp_path):
     steps = {"max_steps": 40, "checkpoint_every": 10, "checkpoints_keep": 2, "batch_size": 2,
              "gradient_accumulation": 2}
-    straight = train_recipe(write_recipe(tmp_path, tiny_sd, images, tmp_path / "straight", train=steps))
-
-    out = tmp_path / "killed"
-    recipe = write_recipe(tmp_path, tiny_sd, images, out, train={**steps, "resume": "auto"})
-    kill_after_checkpoint(recipe, out)
-    assert not (out / "pytorch_lora_weights.safetensors").exists()
-    resumed = train_recipe(recipe)
-    assert resumed.state.step == straight.state.step == 40
-    assert len(resumed.loss_history) < 40  # it really started from a checkpoint
-
-    a, b = straight.trainable_state(), resumed.trainable_state()
-    assert a.keys() == b.keys()
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-6, f"resumed weights differ by {diff}"
-    saved_a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
-    saved_b = load_file(out / "pytorch_lora_weights.safetensors")
-    assert saved_a.keys() == saved_b.keys()
+    out = check_resume_after_sigkill(tmp_path, tiny_sd, images, steps)
     # Rotation kept at most 2 complete checkpoints.
     assert len(list((out / "checkpoints").glob("checkpoint-*"))) <= 2
 
