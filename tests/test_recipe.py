@@ -38,8 +38,8 @@ def error_of(path, overrides=()):
 def test_every_shipped_recipe_validates(recipe, tmp_path, monkeypatch):
     # Offline recipes point at runs/tiny/...; validation only checks those folders exist.
     monkeypatch.chdir(tmp_path)
-    for sub in ("sd", "sd2", "sdxl", "sd3", "images", "digits"):
-        (tmp_path / "runs" / "tiny" / sub).mkdir(parents=True)
+    for sub in ("tiny/sd", "tiny/sd2", "tiny/sdxl", "tiny/sd3", "tiny/images", "quickstart/base", "quickstart/digits"):
+        (tmp_path / "runs" / sub).mkdir(parents=True)
     loaded = load_recipe(recipe)
     assert loaded.train.max_steps or loaded.train.epochs
 
