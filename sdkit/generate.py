@@ -30,6 +30,7 @@ def generate_command(
     width: Optional[int] = None,
     height: Optional[int] = None,
     num_images: int = 1,
+    batch_size: int = 1,
     scheduler: Optional[str] = None,
     out: Path = Path("outputs"),
     device: Optional[str] = None,
@@ -40,6 +41,8 @@ def generate_command(
     from sdkit.sampling import check_scheduler_name
 
     check_scheduler_name(scheduler)  # before any weights load
+    if refiner and batch_size > 1:
+        raise UserError("--batch-size: with --refiner images are made one at a time; drop one of the two")
     from sdkit.sampling import load_pipeline, make_images
 
     started = time.perf_counter()
@@ -67,7 +70,7 @@ def generate_command(
             images = make_images(
                 pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
                 num_images=num_images, width=width, height=height, refiner=refiner_pipe,
-                refiner_fraction=REFINER_FRACTION,
+                refiner_fraction=REFINER_FRACTION, batch_size=batch_size,
             )
             for k, image in enumerate(images):
                 text = png_text(

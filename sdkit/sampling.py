@@ -299,12 +299,21 @@ def make_images(
     height: Optional[int] = None,
     refiner=None,
     refiner_fraction: float = 0.8,
+    batch_size: int = 1,
     **extra,
 ) -> list:
-    """PIL images; image k uses seed + k, so any single image can be reproduced alone."""
+    """PIL images; image k uses seed + k, so any single image can be reproduced alone.
+
+    `batch_size` images go through the pipeline together (each still starts from its own
+    seed's noise): several times faster for small models, more memory for large ones.
+    """
     import torch
 
     pipe.set_progress_bar_config(disable=True)
+    if refiner is None and batch_size > 1:
+        return _batched_images(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                               seed=seed, num_images=num_images, width=width, height=height,
+                               batch_size=batch_size, **extra)
     images = []
     for k in range(num_images):
         # A CPU generator gives the same starting noise on every device.
@@ -325,6 +334,23 @@ def make_images(
                 guidance_scale=guidance, generator=generator, denoising_start=refiner_fraction, image=latents,
             ).images[0]
         )
+    return images
+
+
+def _batched_images(pipe, prompt, *, negative_prompt, steps, guidance, seed, num_images, batch_size, **extra) -> list:
+    """make_images, `batch_size` at a time: one generator per image, so image k still starts
+    from seed + k's noise."""
+    import torch
+
+    images = []
+    for start in range(0, num_images, batch_size):
+        ks = range(start, min(start + batch_size, num_images))
+        images += pipe(
+            prompt=[prompt] * len(ks),
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(ks),
+            generator=[torch.Generator("cpu").manual_seed(seed + k) for k in ks],
+            num_inference_steps=steps, guidance_scale=guidance, **extra,
+        ).images
     return images
 
 

@@ -73,6 +73,19 @@ def test_same_seed_same_pixels_and_no_clobbering(tiny_sd, tmp_path):
     assert again[0].name == "a-red-circle-3-2.png" and first[0].exists()
 
 
+@pytest.mark.parametrize("model", ["tiny_sd", "tiny_sdxl"])
+def test_batched_images_start_from_their_own_seeds(model, request, tmp_path):
+    """--batch-size: several images per pipeline call, each the image its seed gives alone."""
+    folder = request.getfixturevalue(model)
+    one_by_one = run_generate(tmp_path / "a", folder, num_images=3, negative_prompt="blurry")
+    batched = run_generate(tmp_path / "b", folder, num_images=3, negative_prompt="blurry", batch_size=2)
+    assert [p.name for p in batched] == [p.name for p in one_by_one]
+    for a, b in zip(one_by_one, batched):
+        # Same starting noise; a batched matmul may round differently, by a grey level at most.
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1, (a.name, model)
+    assert not np.array_equal(pixels(batched[0]), pixels(batched[1]))
+
+
 def test_metadata_round_trips(tiny_sd, tmp_path, capsys):
     [path] = run_generate(
         tmp_path, tiny_sd, prompts=["a blue square, on white: ünïcode"], negative_prompt="blurry",
@@ -169,6 +182,7 @@ def test_profile_reports_each_phase(tiny_sd, tmp_path, capsys):
         (["--scheduler", "warp-drive"], "--scheduler: unknown scheduler 'warp-drive' (choose from: ddim"),
         (["--device", "cuda:7"], None),  # CUDA only where there is a GPU
         (["--dtype", "fp8"], "--dtype: unknown dtype 'fp8'"),
+        (["--batch-size", "2", "--refiner", "./no/such/refiner"], "--batch-size: with --refiner"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny_sd, tmp_path, monkeypatch, capsys, args, needle):
