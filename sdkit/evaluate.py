@@ -1,6 +1,10 @@
-"""`sdkit eval`: CLIP score per prompt for one or more models, generated with the same seeds.
+"""`sdkit eval`: a score per prompt for one or more models, generated with the same seeds.
 
-The score is torchmetrics' `CLIPScore` (100 x cosine of CLIP's projected image and text
+`--metric clip` (the default) is torchmetrics' `CLIPScore`; `--metric digits` is the offline
+digits classifier of the quickstart (`sdkit.digits.DigitScorer`). A scorer has a name, a
+table title, a description for the report, `check_prompts` and `score(images, prompt)`.
+
+The CLIP score is torchmetrics' `CLIPScore` (100 x cosine of CLIP's projected image and text
 embeddings, mean over images, clamped at 0). torchmetrics 1.9 loads only a few named hub
 models and expects transformers 4's tensors, so it gets a callable that returns a CLIP
 model whose `get_*_features` give the projected embeddings as tensors.
@@ -19,6 +23,7 @@ from typing import Optional
 from sdkit.errors import UserError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+METRICS = ("clip", "digits")
 GRID_THUMB = 256  # largest side of an image in grid.png
 
 
@@ -45,6 +50,10 @@ def read_prompts(path) -> list[str]:
 
 class ClipScorer:
     """torchmetrics CLIPScore over a CLIP model from a hub id or a local folder."""
+
+    name = "clip"
+    title = "CLIP score (higher is better)"
+    description = "torchmetrics CLIPScore: 100 x cosine(image, prompt), mean over a prompt's images, clamped at 0"
 
     def __init__(self, ref: str, device: str):
         import torch
@@ -98,6 +107,18 @@ class ClipScorer:
 
     def too_long(self, prompt: str) -> bool:
         return len(self.tokenizer(prompt).input_ids) > self.max_tokens
+
+    def check_prompts(self, prompts: list[str]) -> list[bool]:
+        """Which prompts CLIP truncates; each is named in a warning (not an error)."""
+        truncated = [self.too_long(p) for p in prompts]
+        for i, prompt in enumerate(prompts):
+            if truncated[i]:
+                print(
+                    f"warning: prompt {i + 1} '{_short(prompt, 60)}' is longer than CLIP's {self.max_tokens} tokens; "
+                    f"its CLIP score sees only the first {self.max_tokens}",
+                    file=sys.stderr,
+                )
+        return truncated
 
     def score(self, images: list, prompt: str) -> tuple[float, list[float]]:
         """(score of the prompt over all its images, score of each image alone)."""
@@ -154,8 +175,10 @@ def eval_command(
     prompts,
     models: list[str],
     lora: Optional[str] = None,
+    metric: str = "clip",
     clip_model: str = DEFAULT_CLIP,
     images_per_prompt: int = 2,
+    batch_size: int = 1,
     steps: int = 30,
     guidance: float = 7.5,
     seed: int = 0,
@@ -169,7 +192,14 @@ def eval_command(
     from sdkit.families import detect_family
     from sdkit.models import resolve_lora, resolve_model
 
+    if metric not in METRICS:
+        raise UserError(f"--metric: unknown metric '{metric}' (choose from: {', '.join(METRICS)})")
     prompt_list = read_prompts(prompts)
+    if metric == "digits":  # the judge is cheap to build: prompts are checked before any model loads
+        from sdkit.digits import DigitScorer
+
+        scorer = DigitScorer()
+        truncated = scorer.check_prompts(prompt_list)
     for ref in models:  # every model checked before any weights load
         detect_family(resolve_model(ref, "--model").base, key="--model")
     if lora:
@@ -181,15 +211,9 @@ def eval_command(
     from sdkit.sampling import load_pipeline, make_images, pick_device, release_memory
 
     device_name = pick_device(device)
-    scorer = ClipScorer(clip_model, device_name)  # a bad --clip-model fails before generating
-    truncated = [scorer.too_long(p) for p in prompt_list]
-    for i, prompt in enumerate(prompt_list):
-        if truncated[i]:
-            print(
-                f"warning: prompt {i + 1} '{_short(prompt, 60)}' is longer than CLIP's {scorer.max_tokens} tokens; "
-                f"its CLIP score sees only the first {scorer.max_tokens}",
-                file=sys.stderr,
-            )
+    if metric == "clip":
+        scorer = ClipScorer(clip_model, device_name)  # a bad --clip-model fails before generating
+        truncated = scorer.check_prompts(prompt_list)
 
     out = Path(out)
     results: list[ModelResult] = []
@@ -206,7 +230,7 @@ def eval_command(
             for i, prompt in enumerate(prompt_list):
                 images = make_images(
                     pipe, prompt, steps=steps, guidance=guidance, seed=seed, num_images=images_per_prompt,
-                    width=w, height=h,
+                    width=w, height=h, batch_size=batch_size,
                 )
                 result.images[i] = images
                 result.files[i] = []
@@ -228,12 +252,12 @@ def eval_command(
             result.image_scores.append(per_image)
 
     settings = dict(
-        prompts_file=str(prompts), clip_model=clip_model, images_per_prompt=images_per_prompt, steps=steps,
-        guidance=guidance, seeds=[seed + k for k in range(images_per_prompt)], width=width, height=height,
-        lora=lora, device=device_name, dtype=results[0].info["dtype"] if results else None,
+        prompts_file=str(prompts), metric=scorer.name, clip_model=clip_model if metric == "clip" else None,
+        images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance,
+        seeds=[seed + k for k in range(images_per_prompt)], width=width, height=height, lora=lora, device=device_name, dtype=results[0].info["dtype"] if results else None,
     )
-    report = build_report(prompt_list, truncated, results, settings)
-    print_table(prompt_list, results)
+    report = build_report(prompt_list, truncated, results, settings, scorer.description)
+    print_table(prompt_list, results, scorer.title)
     written = [
         write_json(out / "report.json", report),
         write_csv(out / "scores.csv", prompt_list, results),
@@ -273,13 +297,14 @@ def _save_with_text(image, path: Path, text: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------- outputs
 
 
-def build_report(prompts: list[str], truncated: list[bool], results: list[ModelResult], settings: dict) -> dict:
+def build_report(prompts: list[str], truncated: list[bool], results: list[ModelResult], settings: dict,
+                 metric: str) -> dict:
     from sdkit.generate import sdkit_version
 
     seeds = settings["seeds"]
     return {
         "sdkit_version": sdkit_version(),
-        "metric": "torchmetrics CLIPScore: 100 x cosine(image, prompt), mean over a prompt's images, clamped at 0",
+        "metric": metric,
         "settings": settings,
         "models": [
             {
@@ -309,11 +334,11 @@ def build_report(prompts: list[str], truncated: list[bool], results: list[ModelR
     }
 
 
-def print_table(prompts: list[str], results: list[ModelResult]) -> None:
+def print_table(prompts: list[str], results: list[ModelResult], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="CLIP score (higher is better)")
+    table = Table(title=title)
     table.add_column("prompt", overflow="ellipsis", no_wrap=True, max_width=60)
     for r in results:
         table.add_column(r.label, justify="right")
