@@ -55,6 +55,9 @@ def generate(
     width: Optional[int] = typer.Option(None, "--width", help="Width in pixels (multiple of 8)."),
     height: Optional[int] = typer.Option(None, "--height", help="Height in pixels (multiple of 8)."),
     num_images: int = typer.Option(1, "--num-images", min=1, help="Images per prompt."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", min=1, help="Images per pipeline call, each from its own seed (not with --refiner)."
+    ),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Scheduler: ddim, euler, euler-a, dpm++, pndm, ..."),
     out: Path = typer.Option(Path("outputs"), "--out", help="Folder for the PNG files."),
     device: Optional[str] = typer.Option(None, "--device", help="Force a device (cuda, cpu, mps)."),
@@ -70,7 +73,7 @@ def generate(
     generate_command(
         prompts=prompts, model=model, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
-        height=height, num_images=num_images, scheduler=scheduler, out=out, device=device,
+        height=height, num_images=num_images, batch_size=batch_size, scheduler=scheduler, out=out, device=device,
         dtype=dtype, profile=profile,
     )
 
@@ -80,8 +83,12 @@ def evaluate(
     prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt a line (# comments ignored)."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Model to score; repeat to compare several."),
     lora: Optional[str] = typer.Option(None, "--lora", help="LoRA applied to every model."),
+    metric: str = typer.Option(
+        "clip", "--metric", help="clip (CLIP score) or digits (share the quickstart's digits classifier labels as prompted)."
+    ),
     clip_model: str = typer.Option("openai/clip-vit-large-patch14", "--clip-model", help="CLIP hub id or local folder."),
     images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1, help="Images per prompt and model."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per pipeline call, each from its own seed."),
     steps: int = typer.Option(30, "--steps", min=1, help="Denoising steps."),
     guidance: float = typer.Option(7.5, "--guidance", min=0.0, help="Guidance scale."),
     seed: int = typer.Option(0, "--seed", help="First seed; image k of a prompt uses seed + k."),
@@ -91,12 +98,12 @@ def evaluate(
     device: Optional[str] = typer.Option(None, "--device", help="Force a device."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
 ):
-    """CLIP score per prompt and overall, for one or more models."""
+    """CLIP score (or the digits judge) per prompt and overall, for one or more models."""
     from sdkit.evaluate import eval_command
 
     eval_command(
-        prompts=prompts, models=model, lora=lora, clip_model=clip_model, images_per_prompt=images_per_prompt,
-        steps=steps, guidance=guidance, seed=seed, width=width, height=height, out=out, device=device, dtype=dtype,
+        prompts=prompts, models=model, lora=lora, metric=metric, clip_model=clip_model,
+        images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed, width=width, height=height, out=out, device=device, dtype=dtype,
     )
 
 
@@ -167,6 +174,19 @@ def bench(
 
     bench_command(str(recipe), overrides or [], steps=steps, warmup=warmup, compare=compare or [],
                   baseline=baseline, rounds=rounds, clock=clock)
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run folder (data, base model, result, eval)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the recipe's)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the base model, training and judged images."),
+    images_per_digit: int = typer.Option(10, "--images-per-digit", min=1, help="Judged images per digit."),
+):
+    """Offline, on a CPU, in minutes: train a miniature SD model on handwritten digits, export and judge it."""
+    from sdkit.quickstart import quickstart_command
+
+    quickstart_command(out=str(out), steps=steps, seed=seed, images_per_digit=images_per_digit)
 
 
 @app.command()
