@@ -82,9 +82,10 @@ def train_digit_vae(pixels, *, steps: int = VAE_STEPS, seed: int = 0, log: Log =
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
 
+    from sdkit.tiny import seeded
+
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -153,9 +154,8 @@ def build_base(path, *, seed: int = 0, vae_steps: int = VAE_STEPS, log: Log = pr
     StableDiffusionPipeline folder with a DDIM scheduler (SD 1.5's noise schedule)."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdkit.tiny import CLIP_VOCAB_SIZE, tiny_clip_tokenizer
+    from sdkit.tiny import SMALL_UNET, clip_text_model, seeded, tiny_clip_tokenizer
 
     path = Path(path)
     started = time.perf_counter()
@@ -164,29 +164,13 @@ def build_base(path, *, seed: int = 0, vae_steps: int = VAE_STEPS, log: Log = pr
     vae = train_digit_vae(pixels, steps=vae_steps, seed=seed, log=log)
     share = reconstruction_share(vae, pixels[:SCALE_SAMPLE], labels[:SCALE_SAMPLE])
     log(f"  VAE reconstructions labelled correctly by the judge: {share:.1%}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+    with seeded(seed + 1):
         unet = UNet2DConditionModel(
-            sample_size=LATENT_SIDE,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            norm_num_groups=32,
-            cross_attention_dim=32,
+            sample_size=LATENT_SIDE, in_channels=4, out_channels=4, cross_attention_dim=32, **SMALL_UNET
         )
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=TEXT_TOKENS, projection_dim=32,
-                bos_token_id=512, eos_token_id=513, pad_token_id=513,
-                initializer_factor=TEXT_INIT_SCALE,
-            )
-        )
+    text_encoder = clip_text_model(
+        seed + 2, max_position_embeddings=TEXT_TOKENS, initializer_factor=TEXT_INIT_SCALE
+    )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -23,6 +23,15 @@ CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
 CLIP_MAX_LENGTH = 77
 CLIP_VOCAB_SIZE = 514  # 256 bytes + 256 end-of-word bytes + 2 specials
+# Two blocks, one cross-attention block each way: the smallest UNet that still conditions on text.
+SMALL_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
 
 # Scheduler configs as the real checkpoints ship them.
 SD15_SCHEDULER = dict(
@@ -48,7 +57,7 @@ _T5_WORDS = (
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed torch for one component without touching the caller's RNG state."""
     import torch
 
@@ -113,29 +122,31 @@ def _t5_vocab_size() -> int:
 # ---------------------------------------------------------------------------- components
 
 
-def _clip_text_config(hidden_size: int = 32, *, hidden_act: str = "quick_gelu", projection_dim: int = 32):
+def _clip_text_config(hidden_size: int = 32, *, hidden_act: str = "quick_gelu", projection_dim: int = 32, **more):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        hidden_act=hidden_act,
-        projection_dim=projection_dim,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-    )
+    return CLIPTextConfig(**{
+        "vocab_size": CLIP_VOCAB_SIZE,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": CLIP_MAX_LENGTH,
+        "hidden_act": hidden_act,
+        "projection_dim": projection_dim,
+        "bos_token_id": 512,
+        "eos_token_id": 513,
+        "pad_token_id": 513,
+        **more,  # e.g. a shorter context, another init scale (the quickstart)
+    })
 
 
-def _clip_text_model(seed: int, *, with_projection: bool = False, **config_kwargs):
+def clip_text_model(seed: int, *, with_projection: bool = False, **config_kwargs):
+    """A tiny random CLIP text encoder for `tiny_clip_tokenizer`'s byte-level vocabulary."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    with _seeded(seed):
+    with seeded(seed):
         return cls(_clip_text_config(**config_kwargs)).eval()
 
 
@@ -144,7 +155,7 @@ def _vae(seed: int, *, block_out_channels: Sequence[int] = (8, 16), layers_per_b
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
-    with _seeded(seed):
+    with seeded(seed):
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -190,18 +201,10 @@ def build_tiny_sd(path, *, v_prediction: bool = False, sd_structure: bool = Fals
         )
         vae_kwargs = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=32, sample_size=64)
     else:
-        unet_kwargs = dict(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            norm_num_groups=32,
-            sample_size=16,  # 32 px / VAE factor 2
-        )
+        unet_kwargs = dict(SMALL_UNET, sample_size=16)  # 32 px / VAE factor 2
         vae_kwargs = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=2, sample_size=32)
 
-    with _seeded(seed):
+    with seeded(seed):
         unet = UNet2DConditionModel(
             in_channels=4,
             out_channels=4,
@@ -210,7 +213,7 @@ def build_tiny_sd(path, *, v_prediction: bool = False, sd_structure: bool = Fals
             **unet_kwargs,
         ).eval()
     vae = _vae(seed + 1, latent_channels=4, scaling_factor=0.18215, **vae_kwargs)
-    text_encoder = _clip_text_model(seed + 2, hidden_act="gelu" if v_prediction else "quick_gelu")
+    text_encoder = clip_text_model(seed + 2, hidden_act="gelu" if v_prediction else "quick_gelu")
     if v_prediction:
         scheduler = DDIMScheduler(**SD21_SCHEDULER)
     else:
@@ -241,7 +244,7 @@ _SDXL_TIME_EMBED = 8
 def _sdxl_unet(seed: int, *, cross_attention_dim: int, n_time_ids: int):
     from diffusers import UNet2DConditionModel
 
-    with _seeded(seed):
+    with seeded(seed):
         return UNet2DConditionModel(
             in_channels=4,
             out_channels=4,
@@ -271,7 +274,7 @@ def build_tiny_sdxl(path, *, refiner: bool = False, seed: int = 0) -> Path:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     vae = _vae(seed + 1, latent_channels=4, scaling_factor=0.13025, force_upcast=True)
-    text_encoder_2 = _clip_text_model(
+    text_encoder_2 = clip_text_model(
         seed + 3, with_projection=True, hidden_size=_SDXL_TEXT_HIDDEN_2, hidden_act="gelu",
         projection_dim=_SDXL_PROJECTION,
     )
@@ -291,7 +294,7 @@ def build_tiny_sdxl(path, *, refiner: bool = False, seed: int = 0) -> Path:
     else:
         pipe = StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=_clip_text_model(seed + 2, hidden_size=_SDXL_TEXT_HIDDEN),
+            text_encoder=clip_text_model(seed + 2, hidden_size=_SDXL_TEXT_HIDDEN),
             text_encoder_2=text_encoder_2,
             tokenizer=tiny_clip_tokenizer(),
             tokenizer_2=tiny_clip_tokenizer(),
@@ -316,7 +319,7 @@ def build_tiny_sd3(path, *, seed: int = 0) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5Config, T5EncoderModel
 
-    with _seeded(seed):
+    with seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=16,  # 32 px / VAE factor 2
             patch_size=2,
@@ -334,11 +337,11 @@ def build_tiny_sd3(path, *, seed: int = 0) -> Path:
         seed + 1, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
         use_quant_conv=False, use_post_quant_conv=False,
     )
-    text_encoder = _clip_text_model(
+    text_encoder = clip_text_model(
         seed + 2, with_projection=True, hidden_size=_SD3_CLIP_HIDDEN, projection_dim=_SD3_CLIP_HIDDEN,
         hidden_act="quick_gelu",
     )
-    text_encoder_2 = _clip_text_model(
+    text_encoder_2 = clip_text_model(
         seed + 3, with_projection=True, hidden_size=_SD3_CLIP_HIDDEN_2, projection_dim=_SD3_CLIP_HIDDEN_2,
         hidden_act="gelu",
     )
@@ -347,7 +350,7 @@ def build_tiny_sd3(path, *, seed: int = 0) -> Path:
         relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )
-    with _seeded(seed + 4):
+    with seeded(seed + 4):
         text_encoder_3 = T5EncoderModel(t5_config).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -376,7 +379,7 @@ def build_tiny_clip(path, seed: int = 0) -> Path:
         num_attention_heads=4, projection_dim=32, hidden_act="quick_gelu",
     )
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=32)
-    with _seeded(seed):
+    with seeded(seed):
         model = CLIPModel(config).eval()
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True,
