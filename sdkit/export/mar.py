@@ -225,8 +225,10 @@ def _resave_pipeline(source: str, dest: Path, *, lora_file: Optional[str], lora_
     import torch
     from diffusers import DiffusionPipeline
 
+    from sdkit.sampling import dtype_kwarg
+
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float32)
+        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(torch.float32))
     except Exception as e:
         raise UserError(f"cannot load the pipeline '{source}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if lora_file is not None:

@@ -115,8 +115,10 @@ def _load_pipeline(base: str, *, dtype: str, lora: Optional[str], lora_scale: fl
     """The pipeline, with the LoRA fused in at fp32 before casting (less rounding than fusing in fp16)."""
     from diffusers import DiffusionPipeline
 
+    from sdkit.sampling import dtype_kwarg
+
     load_dtype = torch_dtype("fp32" if lora else dtype)
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=load_dtype)
+    pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwarg(load_dtype))
     if lora:
         load_lora_into(pipe, lora)
         pipe.fuse_lora(lora_scale=lora_scale)
