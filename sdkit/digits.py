@@ -91,16 +91,6 @@ class DigitJudge:
             return np.zeros(0, dtype=np.int64)
         return self.classifier.predict(features)
 
-    def share_correct(self, images_by_digit: dict[int, list]) -> tuple[float, dict[int, float]]:
-        """(overall share labelled as the prompted digit, share per digit)."""
-        per_digit, hits, total = {}, 0, 0
-        for digit, images in images_by_digit.items():
-            found = self.labels(images)
-            per_digit[digit] = float(np.mean(found == digit)) if len(found) else 0.0
-            hits += int(np.sum(found == digit))
-            total += len(found)
-        return (hits / total if total else 0.0), per_digit
-
 
 _DIGIT_NAMES = {**{w: d for d, w in enumerate(DIGIT_WORDS)}, **{str(d): d for d in range(10)}}
 

@@ -254,7 +254,8 @@ def eval_command(
     settings = dict(
         prompts_file=str(prompts), metric=scorer.name, clip_model=clip_model if metric == "clip" else None,
         images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance,
-        seeds=[seed + k for k in range(images_per_prompt)], width=width, height=height, lora=lora, device=device_name, dtype=results[0].info["dtype"] if results else None,
+        seeds=[seed + k for k in range(images_per_prompt)], width=width, height=height, lora=lora,
+        device=device_name, dtype=results[0].info["dtype"] if results else None,
     )
     report = build_report(prompt_list, truncated, results, settings, scorer.description)
     print_table(prompt_list, results, scorer.title)
