@@ -73,8 +73,8 @@ def generate(
     generate_command(
         prompts=prompts, model=model, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
-        height=height, num_images=num_images, batch_size=batch_size, scheduler=scheduler, out=out, device=device,
-        dtype=dtype, profile=profile,
+        height=height, num_images=num_images, batch_size=batch_size, scheduler=scheduler, out=out,
+        device=device, dtype=dtype, profile=profile,
     )
 
 
@@ -103,7 +103,8 @@ def evaluate(
 
     eval_command(
         prompts=prompts, models=model, lora=lora, metric=metric, clip_model=clip_model,
-        images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed, width=width, height=height, out=out, device=device, dtype=dtype,
+        images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed,
+        width=width, height=height, out=out, device=device, dtype=dtype,
     )
 
 

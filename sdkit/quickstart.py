@@ -122,12 +122,14 @@ def train_digit_vae(pixels, *, steps: int = VAE_STEPS, seed: int = 0, log: Log =
 def digit_tensor(size: int = RESOLUTION):
     """(pixels [N, 3, size, size] in [-1, 1], labels): the digits as the trainer's data loader sees them."""
     import torch
+    from PIL import Image
 
+    from sdkit.data import to_tensor
     from sdkit.digits import load_digit_pixels
 
     pixels, labels = load_digit_pixels(size)
-    x = torch.from_numpy(pixels).float().div(127.5).sub(1.0)
-    return x.unsqueeze(1).repeat(1, 3, 1, 1), labels  # grey PNGs load as RGB
+    # Grey PNGs load as RGB; `to_tensor` is the loader's own conversion.
+    return torch.stack([to_tensor(Image.fromarray(p).convert("RGB")) for p in pixels]), labels
 
 
 def reconstruction_share(vae, pixels, labels) -> float:
