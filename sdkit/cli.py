@@ -34,7 +34,7 @@ def train(
     ),
 ):
     """Train from a recipe (full fine-tune or LoRA), through accelerate."""
-    from sdkit.launch import launch_or_run
+    from sdkit.training.launch import launch_or_run
     from sdkit.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
@@ -65,7 +65,7 @@ def generate(
     profile: bool = typer.Option(False, "--profile", help="Time text encoding, denoising and decoding; report peak memory."),
 ):
     """Generate images from a base model, a fine-tune, a LoRA, or SDXL base + refiner."""
-    from sdkit.generate import generate_command
+    from sdkit.inference.generate import generate_command
 
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and (value <= 0 or value % 8):
@@ -99,7 +99,7 @@ def evaluate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
 ):
     """CLIP score (or the digits judge) per prompt and overall, for one or more models."""
-    from sdkit.evaluate import eval_command
+    from sdkit.inference.evaluate import eval_command
 
     eval_command(
         prompts=prompts, models=model, lora=lora, metric=metric, clip_model=clip_model,
@@ -148,7 +148,7 @@ def plan(
     gpu_memory: float = typer.Option(24.0, "--gpu-memory", help="GPU memory in GiB to check against."),
 ):
     """Estimate the peak GPU memory of a training step, without a GPU or the weights."""
-    from sdkit.plan import plan_command
+    from sdkit.plan.estimate import plan_command
 
     plan_command(str(recipe), overrides or [], gpu_memory=gpu_memory)
 
@@ -171,7 +171,7 @@ def bench(
     clock: str = typer.Option("wall", "--clock", help="wall, or cpu: this process's CPU time (steady on a shared CPU)."),
 ):
     """Time training steps of a recipe; --compare runs a variant and prints the ratio."""
-    from sdkit.bench import bench_command
+    from sdkit.bench.run import bench_command
 
     bench_command(str(recipe), overrides or [], steps=steps, warmup=warmup, compare=compare or [],
                   baseline=baseline, rounds=rounds, clock=clock)
@@ -185,7 +185,7 @@ def quickstart(
     images_per_digit: int = typer.Option(10, "--images-per-digit", min=1, help="Judged images per digit."),
 ):
     """Offline, on a CPU, in minutes: train a miniature SD model on handwritten digits, export and judge it."""
-    from sdkit.quickstart import quickstart_command
+    from sdkit.quickstart.run import quickstart_command
 
     quickstart_command(out=str(out), steps=steps, seed=seed, images_per_digit=images_per_digit)
 
@@ -197,7 +197,7 @@ def tiny(
     seed: int = typer.Option(0, "--seed"),
 ):
     """Build a tiny random-weight model, for trying recipes offline and in tests."""
-    from sdkit.tiny import build_by_name
+    from sdkit.quickstart.tiny import build_by_name
 
     typer.echo(f"wrote {build_by_name(family, out, seed=seed)}")
 

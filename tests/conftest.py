@@ -12,7 +12,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
-from sdkit import tiny  # noqa: E402  (imports no torch at module level)
+from sdkit.quickstart import tiny  # noqa: E402  (imports no torch at module level)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def write_recipe(tmp_path: Path, model, data, out, **sections) -> Path:
 
 def train_recipe(path: Path, overrides=()):
     """Train in this process; returns the Trainer (loss history, trainable state)."""
-    from sdkit.trainer import Trainer
+    from sdkit.training.trainer import Trainer
 
     trainer = Trainer(load_recipe(path, list(overrides)))
     trainer.fit()

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import write_recipe
-from sdkit.bench import PHASES, PLAIN_LABEL, run_bench
+from sdkit.bench.run import PHASES, PLAIN_LABEL, run_bench
 from sdkit.errors import UserError
 
 

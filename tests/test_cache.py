@@ -9,7 +9,7 @@ import torch
 
 from helpers import write_recipe
 from sdkit.recipe import load_recipe
-from sdkit.trainer import Trainer
+from sdkit.training.trainer import Trainer
 
 
 class EncoderCalls:
@@ -229,8 +229,8 @@ def test_cache_is_off_where_it_would_be_wrong(overrides, reason, tiny_sd, image_
 
 
 def test_each_rank_caches_its_own_shard(tiny_sd, image_folder, tmp_path):
-    from sdkit.cache import LatentCache
-    from sdkit.data import TrainDataset, load_records
+    from sdkit.training.cache import LatentCache
+    from sdkit.training.data import TrainDataset, load_records
     from sdkit.families.sd import StableDiffusion
     from sdkit.recipe import DataConfig, ModelConfig
 

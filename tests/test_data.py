@@ -1,4 +1,4 @@
-"""sdkit.data on small images written here: every source layout, bad-image policy, transforms,
+"""sdkit.training.data on small images written here: every source layout, bad-image policy, transforms,
 deterministic augmentation and the epoch sampler (sharding and exact resume)."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdkit.data import EpochSampler, TrainDataset, collate, load_records
+from sdkit.training.data import EpochSampler, TrainDataset, collate, load_records
 from sdkit.errors import UserError
 from sdkit.recipe import DataConfig
 

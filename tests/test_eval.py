@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sdkit.errors import UserError
-from sdkit.evaluate import eval_command, read_prompts
+from sdkit.inference.evaluate import eval_command, read_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_PROMPT = "a very long prompt " * 6  # 114 bytes: more than the tiny byte-level CLIP's 77 tokens

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from sdkit import tiny
+from sdkit.quickstart import tiny
 from sdkit.errors import UserError
 from sdkit.export.run import export_command
 

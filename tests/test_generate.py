@@ -11,7 +11,7 @@ from PIL import Image
 
 from helpers import write_recipe
 from sdkit.errors import UserError
-from sdkit.generate import generate_command
+from sdkit.inference.generate import generate_command
 
 FAST = dict(steps=2, guidance=5.0, seed=3)
 
@@ -221,7 +221,7 @@ def test_refiner_only_model_and_refiner_on_sd_are_refused(tiny_sd, tiny_sdxl_ref
 def test_dtype_and_device_choice():
     import torch
 
-    from sdkit.sampling import pick_device, pick_dtype
+    from sdkit.inference.sampling import pick_device, pick_dtype
 
     assert pick_dtype("cpu") == torch.float32
     assert pick_dtype("cpu", "bf16") == torch.bfloat16

@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdkit.export import handler as H
 from sdkit.export.mar import export_mar
-from sdkit.models import resolve_model
+from sdkit.inference.loading import resolve_model
 
 MAX_STEPS, MAX_SIZE, MAX_BATCH = 3, 64, 4
 

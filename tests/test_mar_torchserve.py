@@ -23,7 +23,7 @@ from PIL import Image
 from sdkit.errors import UserError
 from sdkit.export import handler as H
 from sdkit.export.mar import export_mar, read_properties, response_bytes
-from sdkit.models import resolve_model
+from sdkit.inference.loading import resolve_model
 
 from test_handler import assert_v2_response, make_context, pngs
 
@@ -176,7 +176,7 @@ def test_lora_shipped_or_fused_gives_the_same_image(tiny_sd, tmp_path):
 
 
 def test_lora_run_folder_brings_its_lora(tiny_sd, tmp_path):
-    from sdkit.models import ResolvedModel
+    from sdkit.inference.loading import ResolvedModel
 
     lora = make_lora(tiny_sd, tmp_path / "lora")
     model = ResolvedModel(base=str(tiny_sd), lora=str(lora), run_dir=str(tmp_path / "my-run"))

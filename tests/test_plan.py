@@ -48,8 +48,8 @@ def make_recipe(pretrained, **sections):
     ],
 )
 def test_shipped_configs_have_the_published_parameter_counts(pretrained, component, params):
-    from sdkit.plan import _param_count
-    from sdkit.plan_configs import load_model_spec
+    from sdkit.plan.estimate import _param_count
+    from sdkit.plan.architectures import load_model_spec
 
     spec = load_model_spec(pretrained)
     parts = {c.name: c for c in [spec.denoiser, spec.vae, *spec.text_encoders]}
@@ -57,7 +57,7 @@ def test_shipped_configs_have_the_published_parameter_counts(pretrained, compone
 
 
 def test_shipped_families():
-    from sdkit.plan_configs import SHIPPED, load_model_spec
+    from sdkit.plan.architectures import SHIPPED, load_model_spec
 
     families = {ref: load_model_spec(ref).family for ref in SHIPPED}
     assert families["runwayml/stable-diffusion-v1-5"] == "sd"
@@ -67,7 +67,7 @@ def test_shipped_families():
 
 
 def test_unknown_model_is_a_user_error_listing_the_shipped_ones():
-    from sdkit.plan import estimate_peak
+    from sdkit.plan.estimate import estimate_peak
 
     with pytest.raises(UserError) as err:
         estimate_peak(make_recipe("someone/not-a-known-model"))
@@ -81,7 +81,7 @@ def test_hub_id_in_the_hf_cache_is_read_offline(tiny_sd, tmp_path, monkeypatch):
 
     import huggingface_hub
 
-    from sdkit.plan_configs import load_model_spec
+    from sdkit.plan.architectures import load_model_spec
 
     repo = tmp_path / "models--someone--cached-model"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -95,7 +95,7 @@ def test_hub_id_in_the_hf_cache_is_read_offline(tiny_sd, tmp_path, monkeypatch):
 
 
 def test_family_mismatch_is_a_user_error(tiny_sd):
-    from sdkit.plan import estimate_peak
+    from sdkit.plan.estimate import estimate_peak
 
     with pytest.raises(UserError, match="model.family"):
         estimate_peak(make_recipe(tiny_sd, model={"family": "sdxl"}))
@@ -139,8 +139,8 @@ def allocator_peak(fn) -> tuple[object, int]:
 )
 def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, settings):
     """The same step on real CPU tensors: the fake estimate vs the bytes the allocator handed out."""
-    from sdkit.plan_configs import load_model_spec
-    from sdkit.plan_trace import StepSpec, trace_training_step
+    from sdkit.plan.architectures import load_model_spec
+    from sdkit.plan.trace import StepSpec, trace_training_step
 
     model = load_model_spec(str(tiny_sd))
     settings = {"batch_size": 4, "resolution": 96, **settings}
@@ -150,7 +150,7 @@ def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, settings)
     spec = StepSpec(model.denoiser.class_name, config, vae_config=model.vae.config, **settings)
     fake = trace_training_step(spec)
     real, allocated = allocator_peak(lambda: trace_training_step(spec, fake=False))
-    # VAE weights are not tracked (sdkit.plan adds them); the allocator counts them.
+    # VAE weights are not tracked (sdkit.plan.estimate adds them); the allocator counts them.
     vae_bytes = sum(p.numel() for p in _meta_vae(model.vae.config).parameters()) * (4 if settings["precision"] == "no" else 2)
     assert allocated > 30 * 2**20  # activations dominate: the comparison means something
     ratio = (fake.peak_bytes + vae_bytes * bool(spec.encode_images or spec.validation_batch)) / allocated
@@ -169,8 +169,8 @@ def _meta_vae(config):
 
 def test_what_if_agrees_with_new_traces(tiny_sd):
     """Knob estimates taken from one trace equal traces of the changed recipe."""
-    from sdkit.plan import estimate, model_spec
-    from sdkit.plan_trace import AdamW8bitStates
+    from sdkit.plan.estimate import estimate, model_spec
+    from sdkit.plan.trace import AdamW8bitStates
 
     base = dict(method={"type": "full"}, data={"resolution": 256, "cache": False},
                 train={"batch_size": 4, "mixed_precision": "bf16"})
@@ -192,7 +192,7 @@ def test_what_if_agrees_with_new_traces(tiny_sd):
 
 
 def test_what_if_without_t5_or_sample_images_agrees_with_new_traces(tiny_sd3):
-    from sdkit.plan import estimate, model_spec
+    from sdkit.plan.estimate import estimate, model_spec
 
     recipe = make_recipe(tiny_sd3, data={"resolution": 64}, validation={"prompts": ["a red square"]})
     model = model_spec(recipe)
@@ -206,7 +206,7 @@ def test_what_if_without_t5_or_sample_images_agrees_with_new_traces(tiny_sd3):
 
 
 def test_knobs_are_estimated_and_the_suggestion_holds(tiny_sd, tmp_path):
-    from sdkit.plan import plan_command
+    from sdkit.plan.estimate import plan_command
 
     recipe = tmp_path / "big.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -233,7 +233,7 @@ def test_knobs_are_estimated_and_the_suggestion_holds(tiny_sd, tmp_path):
 
 
 def test_bad_gpu_memory_is_a_user_error():
-    from sdkit.plan import plan_command
+    from sdkit.plan.estimate import plan_command
 
     with pytest.raises(UserError, match="--gpu-memory"):
         plan_command("recipes/sd15-lora.yaml", [], gpu_memory=0)
@@ -256,7 +256,7 @@ def reference_recipe(pretrained, resolution, batch, rank, checkpointing):
 @pytest.mark.parametrize("checkpointing, published", [(True, 6.5), (False, 13.0)])
 def test_sdxl_lora_1024_matches_published_figures(checkpointing, published):
     """SDXL adapter training at 1024 px, batch 1, bf16 (SimpleTuner, H100): 6.5 / 13.0 GiB."""
-    from sdkit.plan import estimate_peak
+    from sdkit.plan.estimate import estimate_peak
 
     n = estimate_peak(reference_recipe("stabilityai/stable-diffusion-xl-base-1.0", 1024, 1, 16, checkpointing))
     assert n["peak_gib"] == pytest.approx(published, rel=0.25)
@@ -267,7 +267,7 @@ def test_sdxl_lora_1024_matches_published_figures(checkpointing, published):
 @pytest.mark.parametrize("checkpointing, published", [(True, 7.7), (False, 34.6)])
 def test_sd35_medium_lora_matches_published_figures(checkpointing, published):
     """SD3.5 medium LoRA rank 128, batch 3, 1024 px: 7.7 GiB with checkpointing, 34.6 without."""
-    from sdkit.plan import estimate_peak
+    from sdkit.plan.estimate import estimate_peak
 
     n = estimate_peak(reference_recipe("stabilityai/stable-diffusion-3.5-medium", 1024, 3, 128, checkpointing))
     assert n["peak_gib"] == pytest.approx(published, rel=0.25)
@@ -290,7 +290,7 @@ def _gpu_target(path: Path):
 
 
 def _recipe_params():
-    from sdkit.plan_configs import SHIPPED
+    from sdkit.plan.architectures import SHIPPED
 
     out = []
     for path in RECIPES:
@@ -307,7 +307,7 @@ def _missing_local(ref: str) -> bool:
 def _plan_recipe(path: Path, request) -> dict:
     """Plan a shipped recipe once per session; offline recipes get the tiny model of their family."""
     if path not in _plans:
-        from sdkit.plan import plan_command
+        from sdkit.plan.estimate import plan_command
 
         data = yaml.safe_load(path.read_text())
         overrides = []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdkit.digits import (
+from sdkit.quickstart.digits import (
     DIGIT_WORDS,
     DigitJudge,
     DigitScorer,
@@ -25,7 +25,7 @@ from sdkit.errors import UserError
 
 
 def test_digits_folder_is_a_captioned_training_set(tmp_path):
-    from sdkit.data import TrainDataset, load_records
+    from sdkit.training.data import TrainDataset, load_records
     from sdkit.recipe import DataConfig
 
     folder = write_digits_folder(tmp_path / "digits", size=16)
@@ -93,7 +93,7 @@ def test_digit_scorer_counts_images_of_the_prompted_digit():
 
 
 def test_eval_metric_digits_refuses_prompts_without_a_digit_before_loading(tmp_path):
-    from sdkit.evaluate import eval_command
+    from sdkit.inference.evaluate import eval_command
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten digit three\na cat\n")
@@ -118,8 +118,8 @@ def test_image_grid_lays_rows_out():
 def test_base_model_is_a_stable_diffusion_folder(tmp_path):
     import torch
 
-    from sdkit.quickstart import BASE_MARKER, LATENT_SIDE, base_is_current, build_base
-    from sdkit.sampling import load_pipeline
+    from sdkit.quickstart.run import BASE_MARKER, LATENT_SIDE, base_is_current, build_base
+    from sdkit.inference.sampling import load_pipeline
 
     base = build_base(tmp_path / "base", seed=0, vae_steps=2, log=lambda m: None)
     assert (base / "model_index.json").is_file() and (base / BASE_MARKER).is_file()
@@ -135,7 +135,7 @@ def test_base_model_is_a_stable_diffusion_folder(tmp_path):
 
 def test_quickstart_smoke(tmp_path):
     """Every stage runs and writes what it promises (a few steps: learning is the slow test's job)."""
-    from sdkit.quickstart import GRID_FILE, REPORT_FILE, quickstart_command
+    from sdkit.quickstart.run import GRID_FILE, REPORT_FILE, quickstart_command
 
     run = quickstart_command(out=str(tmp_path / "qs"), steps=2, seed=0, vae_steps=2, images_per_digit=2,
                              log=lambda m: None)
@@ -171,8 +171,8 @@ def test_quickstart_smoke(tmp_path):
 def test_quickstart_learns_to_draw_the_prompted_digit(tmp_path):
     """The README's quickstart, end to end: 10 images per digit, judged by the digits classifier;
     then the README's `sdkit generate` line on its result."""
-    from sdkit.generate import generate_command
-    from sdkit.quickstart import REPORT_FILE, quickstart_command
+    from sdkit.inference.generate import generate_command
+    from sdkit.quickstart.run import REPORT_FILE, quickstart_command
 
     run = quickstart_command(out=str(tmp_path / "quickstart"), seed=0, log=lambda m: None)
     report = json.loads((run / REPORT_FILE).read_text())

@@ -32,7 +32,7 @@ def generate(pipe, seed=0):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from sdkit.tiny import make_image_folder
+    from sdkit.quickstart.tiny import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("data") / "images", n=4, size=32)
 
@@ -110,7 +110,7 @@ def test_latents_are_shifted_and_scaled(sd3_sharp):
 def test_lora_with_text_encoders_learns_and_loads_with_diffusers(sd3_sharp, images, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from sdkit.objectives import FlowMatchingObjective
+    from sdkit.training.objectives import FlowMatchingObjective
 
     out = tmp_path / "run"
     recipe = write_recipe(

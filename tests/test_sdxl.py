@@ -34,7 +34,7 @@ def generate(pipe, seed=0):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from sdkit.tiny import make_image_folder
+    from sdkit.quickstart.tiny import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("data") / "images", n=4, size=32)
 
@@ -136,7 +136,7 @@ CENTER_CROPS = [(0, 8), (16, 0), (0, 0), (0, 0)]
 def _record_time_ids(recipe_path, overrides=()):
     """Train, recording per step the batch indices/crops and the time_ids the UNet receives."""
     from sdkit.recipe import load_recipe
-    from sdkit.trainer import Trainer
+    from sdkit.training.trainer import Trainer
 
     trainer = Trainer(load_recipe(recipe_path, list(overrides)))
     calls, received = [], []
@@ -163,7 +163,7 @@ def _record_time_ids(recipe_path, overrides=()):
 
 @pytest.mark.parametrize("cached", [True, False], ids=["center-crop-cached", "random-crop-uncached"])
 def test_micro_conditioning_gets_each_images_real_size_and_crop(tiny_sdxl, tmp_path, cached):
-    from sdkit.tiny import make_image_folder
+    from sdkit.quickstart.tiny import make_image_folder
 
     data = make_image_folder(tmp_path / "images", n=4, sizes=SIZES)
     out = tmp_path / "run"
@@ -225,7 +225,7 @@ def test_stock_vae_encodes_in_fp32_and_fp16_fix_vae_stays_fp16(tiny_sdxl, tmp_pa
 def test_base_plus_refiner_uses_the_refiner(tiny_sdxl, tiny_sdxl_refiner):
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from sdkit.sampling import make_images
+    from sdkit.inference.sampling import make_images
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(tiny_sdxl_refiner)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from sdkit import tiny
+from sdkit.quickstart import tiny
 
 PIPELINES = [
     # fixture, pipeline class name, image side in px
@@ -162,7 +162,7 @@ def test_image_folder_txt_and_none_layouts_and_sizes(tmp_path):
 
 
 def test_importing_tiny_does_not_import_torch():
-    code = "import sys, sdkit.tiny; sys.exit('torch' in sys.modules)"
+    code = "import sys, sdkit.quickstart.tiny; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

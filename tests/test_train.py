@@ -24,7 +24,7 @@ def generate(pipe, seed=0):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from sdkit.tiny import make_image_folder
+    from sdkit.quickstart.tiny import make_image_folder
 
     return make_image_folder(tmp_path_factory.mktemp("data") / "images", n=4, size=32)
 
@@ -74,9 +74,9 @@ def test_full_finetune_learns_and_loads_with_diffusers(base, request, images, tm
 
 
 def test_v_prediction_is_read_from_the_scheduler(tiny_sd, tiny_sd2):
-    from sdkit.objectives import DDPMObjective
+    from sdkit.training.objectives import DDPMObjective
     from sdkit.recipe import TrainConfig
-    from sdkit.models import read_model_index  # noqa: F401  (import check)
+    from sdkit.inference.loading import read_model_index  # noqa: F401  (import check)
 
     cfg = TrainConfig(max_steps=1)
     sd1 = json.loads((Path(tiny_sd) / "scheduler" / "scheduler_config.json").read_text())
@@ -95,7 +95,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_sd, images, tmp_pat
 
 def test_incomplete_checkpoint_is_never_resumed(tiny_sd, images, tmp_path):
     from sdkit.recipe import load_recipe
-    from sdkit.trainer import find_resume_checkpoint
+    from sdkit.training.trainer import find_resume_checkpoint
 
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path, tiny_sd, images, out, train={"max_steps": 4, "checkpoint_every": 2, "resume": "auto"})
@@ -110,7 +110,7 @@ RANK_SCRIPT = """
 import json, sys
 from safetensors.torch import save_file
 from sdkit.recipe import load_recipe
-from sdkit.trainer import Trainer
+from sdkit.training.trainer import Trainer
 
 trainer = Trainer(load_recipe(sys.argv[1]))
 seen = []
@@ -129,7 +129,7 @@ save_file(trainer.trainable_state(), f"{out}/weights-{rank}.safetensors")
 
 @pytest.mark.slow
 def test_two_processes_shard_data_and_agree_on_weights(tiny_sd, tmp_path):
-    from sdkit.tiny import make_image_folder
+    from sdkit.quickstart.tiny import make_image_folder
 
     data = make_image_folder(tmp_path / "images", n=8, size=32)
     out = tmp_path / "run"

@@ -23,7 +23,7 @@ from typing import Optional
 
 from sdkit.atomic import atomic_dir, atomic_write_path
 from sdkit.errors import UserError
-from sdkit.models import LORA_FILE, ResolvedModel, read_model_index, resolve_lora
+from sdkit.inference.loading import LORA_FILE, ResolvedModel, read_model_index, resolve_lora
 
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")
 HANDLER_NAME = "sdkit_handler.py"  # a distinctive module name: TorchServe imports it by name
@@ -225,7 +225,7 @@ def _resave_pipeline(source: str, dest: Path, *, lora_file: Optional[str], lora_
     import torch
     from diffusers import DiffusionPipeline
 
-    from sdkit.sampling import dtype_kwarg
+    from sdkit.inference.sampling import dtype_kwarg
 
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(torch.float32))

@@ -77,7 +77,7 @@ def export_command(
     max_batch: int = 4,
 ) -> list[Path]:
     """Export `model` (+ LoRA) in `format`; returns the paths written."""
-    from sdkit.models import resolve_lora, resolve_model
+    from sdkit.inference.loading import resolve_lora, resolve_model
 
     _choice(format, FORMATS, "--format")
     _choice(dtype, DTYPES, "--dtype")
@@ -130,7 +130,7 @@ def export_command(
         return writer.export_single_file(resolved.base, target, dtype=dtype, lora=lora_ref if fuse_lora else None,
                                          lora_scale=lora_scale, force=replace, title=name or target.stem)
     if lora_ref and not fuse_lora:
-        from sdkit.models import LORA_FILE
+        from sdkit.inference.loading import LORA_FILE
 
         recipe = _run_recipe(resolved.run_dir) if resolved.lora else None
         file_name = LORA_FILE if lora_format == "peft" else stem + SAFETENSORS_SUFFIX
@@ -151,7 +151,7 @@ def export_command(
 def _run_recipe(run_dir: Optional[str]):
     if not run_dir:
         return None
-    from sdkit.models import RECIPE_FILE
+    from sdkit.inference.loading import RECIPE_FILE
     from sdkit.recipe import load_recipe
 
     return load_recipe(Path(run_dir) / RECIPE_FILE)
@@ -166,7 +166,7 @@ def _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fus
     if fuse_lora and not lora_ref:
         raise UserError("--fuse-lora: no LoRA to fuse (pass --lora, or a LoRA run folder as --model)")
     if refiner:
-        from sdkit.models import resolve_model
+        from sdkit.inference.loading import resolve_model
 
         refiner = resolve_model(refiner, key="--refiner").base
     from sdkit.export.mar import export_mar

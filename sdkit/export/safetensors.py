@@ -69,7 +69,7 @@ def read_component_config(base: str, component: str, filename: str = "config.jso
 
 def model_info(base: str) -> ModelInfo:
     from sdkit.families import detect_family, family_class
-    from sdkit.models import read_model_index
+    from sdkit.inference.loading import read_model_index
 
     family = detect_family(base, key="--model")
     family_cls = family_class(family)
@@ -115,7 +115,7 @@ def _load_pipeline(base: str, *, dtype: str, lora: Optional[str], lora_scale: fl
     """The pipeline, with the LoRA fused in at fp32 before casting (less rounding than fusing in fp16)."""
     from diffusers import DiffusionPipeline
 
-    from sdkit.sampling import dtype_kwarg
+    from sdkit.inference.sampling import dtype_kwarg
 
     load_dtype = torch_dtype("fp32" if lora else dtype)
     pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwarg(load_dtype))
@@ -176,7 +176,7 @@ def export_single_file(base: str, out_file: Path, *, dtype: str = "fp16", lora: 
 
 def lora_file(ref: str) -> Path:
     """The local .safetensors file of a LoRA reference (downloading a hub LoRA)."""
-    from sdkit.models import LORA_FILE
+    from sdkit.inference.loading import LORA_FILE
 
     path = Path(os.path.expanduser(ref))
     if path.is_file():

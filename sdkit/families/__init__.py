@@ -40,7 +40,7 @@ def family_class(name: str):
 
 def detect_family(pretrained: str, revision=None, key: str = "model.pretrained") -> str:
     """Family name from the model's model_index.json."""
-    from sdkit.models import read_model_index
+    from sdkit.inference.loading import read_model_index
 
     index = read_model_index(pretrained, revision)
     class_name = index.get("_class_name", "?")

@@ -35,7 +35,7 @@ class Family:
         """Load every component from a hub id or folder (recipe `model` section)."""
         import diffusers
 
-        from sdkit.sampling import dtype_kwarg, quiet_loading
+        from sdkit.inference.sampling import dtype_kwarg, quiet_loading
 
         quiet_loading()
         pipe_cls = getattr(diffusers, cls.pipeline_class)

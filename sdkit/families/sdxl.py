@@ -40,7 +40,7 @@ class StableDiffusionXL(Family):
 
     @classmethod
     def load(cls, model_cfg, dtype: torch.dtype = torch.float32) -> "StableDiffusionXL":
-        from sdkit.models import read_model_index
+        from sdkit.inference.loading import read_model_index
 
         # sdkit uses the refiner for sampling (model.refiner), it does not train it.
         index = read_model_index(model_cfg.pretrained, model_cfg.revision)

@@ -38,12 +38,12 @@ def generate_command(
     profile: bool = False,
 ) -> list[Path]:
     """Generate `num_images` images per prompt (seeds seed..seed+num_images-1); returns the files."""
-    from sdkit.sampling import check_scheduler_name
+    from sdkit.inference.sampling import check_scheduler_name
 
     check_scheduler_name(scheduler)  # before any weights load
     if refiner and batch_size > 1:
         raise UserError("--batch-size: with --refiner images are made one at a time; drop one of the two")
-    from sdkit.sampling import load_pipeline, make_images
+    from sdkit.inference.sampling import load_pipeline, make_images
 
     started = time.perf_counter()
     pipe, refiner_pipe, info = load_pipeline(
@@ -152,7 +152,7 @@ def sdkit_version() -> str:
 
 def a1111_parameters(info, fields: dict) -> str:
     """The `parameters` text AUTOMATIC1111 writes: prompt, negative prompt, then `Key: value, ...`."""
-    from sdkit.sampling import A1111_SAMPLER_NAMES
+    from sdkit.inference.sampling import A1111_SAMPLER_NAMES
 
     pairs = [
         ("Steps", fields["steps"]),

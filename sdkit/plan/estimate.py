@@ -1,6 +1,6 @@
 """`sdkit plan`: will this recipe fit my GPU? Answered on a CPU, from configs only.
 
-One training step of the recipe's real denoiser runs on fake tensors (`sdkit.plan_trace`),
+One training step of the recipe's real denoiser runs on fake tensors (`sdkit.plan.trace`),
 giving the peak bytes of each phase (VAE encode when latents are not cached, forward and
 backward, optimizer step, and validation sampling when the recipe has prompts) and what each
 is made of. Frozen encoders kept on the GPU are added from their parameter counts. The verdict
@@ -52,7 +52,7 @@ def _text_encoders_trained(recipe, model) -> list:
 
 def _text_tokens(model) -> int:
     """Length of the denoiser's text input: 77 CLIP tokens, plus T5's for SD3 (as the family encodes)."""
-    from sdkit.plan_trace import CLIP_TOKENS
+    from sdkit.plan.trace import CLIP_TOKENS
 
     if model.family != "sd3":
         return CLIP_TOKENS
@@ -63,7 +63,7 @@ def _text_tokens(model) -> int:
 
 def vae_config(recipe, model) -> Optional[dict]:
     """The VAE the trainer uses: model.vae's config when readable, else the model's own."""
-    from sdkit.plan_configs import load_vae_config
+    from sdkit.plan.architectures import load_vae_config
 
     base = model.vae.config if model.vae else None
     return load_vae_config(recipe.model.vae, base) if recipe.model.vae else base
@@ -77,7 +77,7 @@ def _vae_upcast(recipe, model, config: Optional[dict]) -> bool:
 
 def step_spec(recipe, model, **changes):
     """The StepSpec of a recipe on a model architecture, with optional changes."""
-    from sdkit.plan_trace import CLIP_TOKENS, SD3_LORA_TARGETS, UNET_LORA_TARGETS, StepSpec, TextEncoderSpec
+    from sdkit.plan.trace import CLIP_TOKENS, SD3_LORA_TARGETS, UNET_LORA_TARGETS, StepSpec, TextEncoderSpec
 
     m, t, v = recipe.method, recipe.train, recipe.validation
     trained = tuple(TextEncoderSpec(te.class_name, te.config, CLIP_TOKENS) for te in _text_encoders_trained(recipe, model))
@@ -244,7 +244,7 @@ def _load(recipe_or_path, overrides=None):
 
 def model_spec(recipe):
     """Architecture of the recipe's model; the family must agree with model.family."""
-    from sdkit.plan_configs import load_model_spec
+    from sdkit.plan.architectures import load_model_spec
 
     model = load_model_spec(recipe.model.pretrained, recipe.model.revision)
     if recipe.model.family not in ("auto", model.family):
@@ -257,7 +257,7 @@ def model_spec(recipe):
 
 def estimate(recipe, model=None, **changes) -> Estimate:
     """Trace one step of `recipe` (with optional StepSpec changes)."""
-    from sdkit.plan_trace import trace_training_step
+    from sdkit.plan.trace import trace_training_step
 
     model = model or model_spec(recipe)
     spec = step_spec(recipe, model, **changes)
@@ -317,7 +317,7 @@ def _smaller_batches(b: int) -> list[int]:
 
 def _knobs(est: Estimate, budget: int) -> tuple[list[Knob], Optional[Knob]]:
     """Each knob that helps, alone; then the first combination, least intrusive first, under `budget`."""
-    from sdkit.plan_trace import AdamW8bitStates
+    from sdkit.plan.trace import AdamW8bitStates
 
     r = est.recipe
     b, a = r.train.batch_size, r.train.gradient_accumulation

@@ -142,7 +142,7 @@ def load_pipeline(
     and refiner both stay on the GPU or move there only while they run.
     """
     from sdkit.families import detect_family, family_class
-    from sdkit.models import read_model_index, resolve_lora, resolve_model
+    from sdkit.inference.loading import read_model_index, resolve_lora, resolve_model
 
     check_scheduler_name(scheduler)
     resolved = resolve_model(model_ref, "--model")

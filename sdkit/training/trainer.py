@@ -164,9 +164,9 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
         _seed_everything(r.train.seed)
 
-        from sdkit.adapters import make_adapter
+        from sdkit.training.adapters import make_adapter
         from sdkit.families import family_class, resolve_family_name
-        from sdkit.objectives import make_objective
+        from sdkit.training.objectives import make_objective
 
         self.family_name = resolve_family_name(r.model)
         self.weight_dtype = DTYPES[r.train.mixed_precision]
@@ -236,7 +236,7 @@ class Trainer:
     def _setup_data(self) -> None:
         from torch.utils.data import DataLoader
 
-        from sdkit.data import EpochSampler, TrainDataset, collate, load_records
+        from sdkit.training.data import EpochSampler, TrainDataset, collate, load_records
 
         r, acc = self.recipe, self.accelerator
         records = load_records(r.data, log=self._log, progress=acc.is_main_process)
@@ -273,7 +273,7 @@ class Trainer:
         return None
 
     def _build_cache(self, dataset):
-        from sdkit.cache import CachedDataset, LatentCache, cache_key, collate_cached
+        from sdkit.training.cache import CachedDataset, LatentCache, cache_key, collate_cached
 
         acc = self.accelerator
         key = cache_key(self.recipe, self.family_name, self.weight_dtype)
@@ -455,7 +455,7 @@ class Trainer:
         acc = self.accelerator
         paths: list[Path] = []
         if self.is_main:
-            from sdkit.sampling import make_images
+            from sdkit.inference.sampling import make_images
 
             v = self.recipe.validation
             denoiser = acc.unwrap_model(self.modules[0])
@@ -498,7 +498,7 @@ class Trainer:
         if getattr(self, "_refiner_pipe", None) is None:
             from diffusers import DiffusionPipeline
 
-            from sdkit.sampling import dtype_kwarg
+            from sdkit.inference.sampling import dtype_kwarg
 
             # Kept on the CPU between validations: it must not cost training memory.
             self._refiner_pipe = DiffusionPipeline.from_pretrained(ref, **dtype_kwarg(self.weight_dtype))
@@ -516,7 +516,7 @@ class Trainer:
             if self.ema:
                 self.ema.copy_to(modules[0])
             written = self.adapter.save(self.family, modules, self.run_dir)
-            from sdkit.model_card import write_model_card
+            from sdkit.training.model_card import write_model_card
 
             write_model_card(self.recipe, self.run_dir, family=self.family_name, steps=self.state.step,
                              final_loss=getattr(self, "last_loss", None))

@@ -26,8 +26,8 @@ How, and why this way (ENVIRONMENT.md, "Estimating GPU memory without a GPU"):
      score matrix of the math path.
   3. fp16 is traced as bf16 (same bytes; CPU autocast is most complete for bf16).
   Not modelled: the CUDA caching allocator's rounding and fragmentation, cuDNN/cuBLAS
-  workspaces and the CUDA context; `sdkit.plan` states them next to the figure.
-- The step mirrors `sdkit.trainer`: steady state (optimizer state already allocated; for
+  workspaces and the CUDA context; `sdkit.plan.estimate` states them next to the figure.
+- The step mirrors `sdkit.training.trainer`: steady state (optimizer state already allocated; for
   gradient accumulation, gradients already held), mixed precision through autocast with fp32
   trainable weights, LoRA adapters fp32 on a base in the weight dtype, torch's fused AdamW or
   bitsandbytes AdamW8bit (emulated: same state tensors, in-place update), EMA as one fp32 copy
@@ -212,7 +212,7 @@ class StepMemTracker(MemTracker):
         self.phase_peaks: dict[str, dict[str, int]] = {}
         # Per op while forward/backward runs: activation bytes, the part of them that is
         # autocast's low-precision copies of weights (not proportional to the batch), and
-        # gradient bytes. Lets sdkit.plan rescale the batch without another trace.
+        # gradient bytes. Lets sdkit.plan.estimate rescale the batch without another trace.
         self.timeline = {"act": array("q"), "weight_copies": array("q"), "grad": array("q")}
         self._weight_copy_bytes = 0
         self._grad_hooks: list = []
@@ -415,7 +415,7 @@ class AdamW8bitStates(torch.optim.Optimizer):
 def _make_optimizer(name: str, params):
     if name == "adamw8bit":
         return AdamW8bitStates(params)
-    # Fused, as sdkit.trainer.make_optimizer builds it: one in-place kernel, no temporaries the
+    # Fused, as sdkit.training.trainer.make_optimizer builds it: one in-place kernel, no temporaries the
     # size of the weights (the foreach path would add one fp32 copy at the step).
     return torch.optim.AdamW(params, lr=1e-4, fused=True)
 
@@ -430,7 +430,7 @@ class _Setup:
     spec: StepSpec
     denoiser: nn.Module
     encoders: list  # trained text encoders
-    vae: Optional[nn.Module]  # frozen; its weights are added by sdkit.plan with the other encoders
+    vae: Optional[nn.Module]  # frozen; its weights are added by sdkit.plan.estimate with the other encoders
     trainable: list
     optimizer: torch.optim.Optimizer
     ema: list
@@ -498,7 +498,7 @@ def _set_up(spec: StepSpec, fake: bool) -> _Setup:
 
 
 def _train_step(s: _Setup, tracker: StepMemTracker) -> None:
-    """Encode (unless cached), forward, backward, optimizer step, EMA update: sdkit.trainer's order."""
+    """Encode (unless cached), forward, backward, optimizer step, EMA update: sdkit.training.trainer's order."""
     spec, b = s.spec, s.spec.batch_size
     cond_dtype = torch.float32 if spec.method == "full" else s.weight_dtype
     if spec.encode_images and s.vae is not None:
@@ -542,7 +542,7 @@ def _train_step(s: _Setup, tracker: StepMemTracker) -> None:
 def _sample_images(s: _Setup, tracker: StepMemTracker) -> None:
     """Validation as the trainer runs it: no_grad under autocast, the denoiser on the CFG batch
     (one step stands for all: each frees the last), then the VAE decodes one image. The
-    encoders are on the GPU meanwhile, cache or not; sdkit.plan adds them."""
+    encoders are on the GPU meanwhile, cache or not; sdkit.plan.estimate adds them."""
     tracker.phase = "validation"
     for module in s.modules:
         module.eval()

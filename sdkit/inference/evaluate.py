@@ -1,7 +1,7 @@
 """`sdkit eval`: a score per prompt for one or more models, generated with the same seeds.
 
 `--metric clip` (the default) is torchmetrics' `CLIPScore`; `--metric digits` is the offline
-digits classifier of the quickstart (`sdkit.digits.DigitScorer`). A scorer has a name, a
+digits classifier of the quickstart (`sdkit.quickstart.digits.DigitScorer`). A scorer has a name, a
 table title, a description for the report, `check_prompts` and `score(images, prompt)`.
 
 The CLIP score is torchmetrics' `CLIPScore` (100 x cosine of CLIP's projected image and text
@@ -62,7 +62,7 @@ class ClipScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         from sdkit.recipe import check_local_ref
-        from sdkit.sampling import quiet_loading
+        from sdkit.inference.sampling import quiet_loading
 
         check_local_ref(ref, "--clip-model")
         quiet_loading()
@@ -190,13 +190,13 @@ def eval_command(
 ) -> dict:
     """Generate, score, print the table, write report.json, scores.csv and grid.png; returns the report."""
     from sdkit.families import detect_family
-    from sdkit.models import resolve_lora, resolve_model
+    from sdkit.inference.loading import resolve_lora, resolve_model
 
     if metric not in METRICS:
         raise UserError(f"--metric: unknown metric '{metric}' (choose from: {', '.join(METRICS)})")
     prompt_list = read_prompts(prompts)
     if metric == "digits":  # the judge is cheap to build: prompts are checked before any model loads
-        from sdkit.digits import DigitScorer
+        from sdkit.quickstart.digits import DigitScorer
 
         scorer = DigitScorer()
         truncated = scorer.check_prompts(prompt_list)
@@ -207,8 +207,8 @@ def eval_command(
 
     import torch
 
-    from sdkit.generate import png_text, slugify
-    from sdkit.sampling import load_pipeline, make_images, pick_device, release_memory
+    from sdkit.inference.generate import png_text, slugify
+    from sdkit.inference.sampling import load_pipeline, make_images, pick_device, release_memory
 
     device_name = pick_device(device)
     if metric == "clip":
@@ -300,7 +300,7 @@ def _save_with_text(image, path: Path, text: dict[str, str]) -> None:
 
 def build_report(prompts: list[str], truncated: list[bool], results: list[ModelResult], settings: dict,
                  metric: str) -> dict:
-    from sdkit.generate import sdkit_version
+    from sdkit.inference.generate import sdkit_version
 
     seeds = settings["seeds"]
     return {

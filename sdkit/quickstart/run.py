@@ -1,6 +1,6 @@
 """`sdkit quickstart`: train a miniature text-to-image model offline, on a CPU, in minutes.
 
-What is real: the training loop (`sdkit.trainer.train` from `recipes/quickstart.yaml`: latent
+What is real: the training loop (`sdkit.training.trainer.train` from `recipes/quickstart.yaml`: latent
 and text caching, caption dropout, AdamW with a cosine schedule, EMA, checkpoints, validation
 samples), the Stable Diffusion pipeline layout it reads and writes, DDIM sampling with
 classifier-free guidance, and a judge that scores prompt-following.
@@ -52,7 +52,7 @@ Log = Callable[[str], None]
 
 def _shipped(name: str) -> Path:
     """recipes/NAME of this checkout (or of the current folder)."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
         path = root / "recipes" / name
         if path.is_file():
             return path
@@ -82,7 +82,7 @@ def train_digit_vae(pixels, *, steps: int = VAE_STEPS, seed: int = 0, log: Log =
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
 
-    from sdkit.tiny import seeded
+    from sdkit.quickstart.tiny import seeded
 
     generator = torch.Generator().manual_seed(seed)
     with seeded(seed):
@@ -124,8 +124,8 @@ def digit_tensor(size: int = RESOLUTION):
     import torch
     from PIL import Image
 
-    from sdkit.data import to_tensor
-    from sdkit.digits import load_digit_pixels
+    from sdkit.training.data import to_tensor
+    from sdkit.quickstart.digits import load_digit_pixels
 
     pixels, labels = load_digit_pixels(size)
     # Grey PNGs load as RGB; `to_tensor` is the loader's own conversion.
@@ -137,7 +137,7 @@ def reconstruction_share(vae, pixels, labels) -> float:
     import numpy as np
     import torch
 
-    from sdkit.digits import DigitJudge
+    from sdkit.quickstart.digits import DigitJudge
 
     with torch.no_grad():
         recon = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
@@ -157,7 +157,7 @@ def build_base(path, *, seed: int = 0, vae_steps: int = VAE_STEPS, log: Log = pr
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from sdkit.tiny import SMALL_UNET, clip_text_model, seeded, tiny_clip_tokenizer
+    from sdkit.quickstart.tiny import SMALL_UNET, clip_text_model, seeded, tiny_clip_tokenizer
 
     path = Path(path)
     started = time.perf_counter()
@@ -184,7 +184,7 @@ def build_base(path, *, seed: int = 0, vae_steps: int = VAE_STEPS, log: Log = pr
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     from sdkit.atomic import atomic_dir
-    from sdkit.sampling import quiet_loading
+    from sdkit.inference.sampling import quiet_loading
 
     quiet_loading()  # no "Writing model shards" bar between the quickstart's lines
     with atomic_dir(path, overwrite=True) as tmp:  # a crash mid-save leaves the old base or none
@@ -221,11 +221,11 @@ def quickstart_command(out: str = "runs/quickstart", steps: Optional[int] = None
     """
     from rich.console import Console
 
-    from sdkit.digits import DIGIT_WORDS, image_grid, prompted_digit, write_digits_folder
-    from sdkit.evaluate import eval_command
+    from sdkit.quickstart.digits import DIGIT_WORDS, image_grid, prompted_digit, write_digits_folder
+    from sdkit.inference.evaluate import eval_command
     from sdkit.export.run import export_command
     from sdkit.recipe import load_recipe
-    from sdkit.trainer import train
+    from sdkit.training.trainer import train
 
     console = Console(stderr=True)
     log = log or console.print

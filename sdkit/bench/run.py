@@ -186,7 +186,7 @@ class SdkitRunner:
     """The trainer, set up as `sdkit train` would, stepping one optimizer step at a time."""
 
     def __init__(self, recipe, label: str, console):
-        from sdkit.trainer import Trainer
+        from sdkit.training.trainer import Trainer
 
         self.label = label
         self.timer: Optional[PhaseTimer] = None
@@ -330,7 +330,7 @@ class PlainLoopRunner:
     def _loader(self):
         import torch
 
-        from sdkit.data import TrainDataset, load_records
+        from sdkit.training.data import TrainDataset, load_records
 
         r = self.recipe
         records = load_records(r.data, log=lambda _msg: None, progress=False)
@@ -416,7 +416,7 @@ def _variants(overrides: list[str], compare: list[str], baseline: bool) -> list[
 def _build(variant: _Variant, recipe_path: str, steps: int, warmup: int, root: Path, index: int, console):
     recipe = bench_recipe(recipe_path, variant.overrides, steps=steps, warmup=warmup, out=root / f"variant-{index}")
     if variant.plain:
-        from sdkit.trainer import _fresh_accelerator_state
+        from sdkit.training.trainer import _fresh_accelerator_state
 
         _fresh_accelerator_state()  # as the Trainer does: variants may differ in precision
         return PlainLoopRunner(recipe, variant.label)

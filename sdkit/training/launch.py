@@ -48,7 +48,7 @@ def process_count(config: dict) -> int:
 
 def describe(recipe: Recipe, processes: int) -> str:
     from sdkit.families import resolve_family_name
-    from sdkit.trainer import find_resume_checkpoint
+    from sdkit.training.trainer import find_resume_checkpoint
 
     family = resolve_family_name(recipe.model)
     t = recipe.train
@@ -78,7 +78,7 @@ def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], confi
     if processes > 1 and not already_launched():
         relaunch(recipe_path, overrides, config_path, processes)
         return
-    from sdkit.trainer import train
+    from sdkit.training.trainer import train
 
     train(recipe)
 

@@ -1,0 +1,1 @@
+"""Inference: model references and loading, sampling, `sdkit generate` and `sdkit eval`."""
