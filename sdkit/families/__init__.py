@@ -6,7 +6,9 @@ from importlib import import_module
 
 from sdkit.errors import UserError
 
-# name -> (module, class); modules import torch, so they load only when asked for.
+# name -> (module, class). Family modules import no torch; they load when first asked for.
+# Adding a family: one module here (a Family subclass), one line below, its pipelines in DETECT
+# and its configs for `sdkit plan` in sdkit/plan/configs/.
 FAMILIES = {
     "sd": ("sdkit.families.sd", "StableDiffusion"),
     "sdxl": ("sdkit.families.sdxl", "StableDiffusionXL"),
@@ -24,6 +26,10 @@ DETECT = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
 }
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
 
 
 def family_class(name: str):
@@ -52,7 +58,27 @@ def detect_family(pretrained: str, revision=None, key: str = "model.pretrained")
     return DETECT[class_name]
 
 
+def local_family(pretrained: str):
+    """The family of a local diffusers folder, read without torch or network; None when the
+    folder is not a (supported) diffusers model or `pretrained` is a hub id."""
+    import json
+    import os
+
+    index = os.path.join(os.path.expanduser(pretrained), "model_index.json")
+    if not os.path.isfile(index):
+        return None
+    try:
+        return DETECT.get(json.loads(open(index, encoding="utf-8").read()).get("_class_name"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def resolve_family_name(model_cfg) -> str:
     if model_cfg.family != "auto":
         return model_cfg.family
     return detect_family(model_cfg.pretrained, model_cfg.revision)
+
+
+def check_recipe_family(recipe, name: str) -> list[str]:
+    """Problems of `recipe` for the family `name` (see Family.check_recipe)."""
+    return family_class(name).check_recipe(recipe)

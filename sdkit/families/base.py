@@ -1,27 +1,47 @@
 """The small interface every model family implements.
 
-The trainer, sampler and exporters talk to a `Family` only; whatever differs between SD 1.x,
-SDXL and SD3 (text encoders, extra conditioning, the denoiser's call, the objective) lives
-in the family modules as class attributes and a few methods.
+The trainer, sampler, planner and exporters talk to a `Family` only; whatever differs between
+SD 1.x, SDXL and SD3 (text encoders, extra conditioning, the denoiser's call, the objective)
+lives in the family modules as class attributes and a few methods.
+
+The class attributes are the family's description and need no torch: importing a family
+module imports no torch, so recipe validation and `sdkit plan` can ask a family anything.
+torch is imported inside the methods that load or run models.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# Recipe keys that only one objective reads; a family of the other objective rejects them
+# when set to anything but their default (a recipe written out by a run lists every key).
+OBJECTIVE_KEYS = {
+    "ddpm": ("train.prediction_type", "train.snr_gamma", "train.noise_offset"),
+    "flow": ("train.timestep_sampling", "train.logit_mean", "train.logit_std", "train.mode_scale",
+             "train.loss_weighting"),
+}
+CLIP_TOKENS = 77  # tokens per caption of every CLIP text encoder the families use
 
 
 class Family:
-    # --- what a family declares
+    # --- what a family declares (torch-free)
     name: ClassVar[str]
     pipeline_class: ClassVar[str]  # diffusers class that loads and saves the model
     denoiser_attr: ClassVar[str] = "unet"
-    text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)  # what train_text_encoder trains
+    # every text encoder the pipeline may hold (SD3 adds T5, which never trains)
+    all_text_encoder_attrs: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizer_attrs: ClassVar[tuple[str, ...]] = ("tokenizer",)
     objective: ClassVar[str] = "ddpm"  # "ddpm" or "flow"
+    latent_channels: ClassVar[int] = 4
+    size_multiple: ClassVar[int] = 8  # image sides must be multiples of this (VAE factor x denoiser patch)
+    text_tokens: ClassVar[int] = CLIP_TOKENS  # length of the denoiser's text input in training
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    extra_recipe_keys: ClassVar[tuple[str, ...]] = ()  # recipe keys only this family reads
 
     # the family can hand latents to an img2img refiner (SDXL's ensemble of experts)
     refiner_capable: ClassVar[bool] = False
@@ -29,11 +49,37 @@ class Family:
     def __init__(self, components: dict[str, Any]):
         self.components = components
 
+    # --- recipe checks (torch-free) -----------------------------------------
+    @classmethod
+    def check_recipe(cls, recipe) -> list[str]:
+        """What in `recipe` does not fit this family, one 'key: problem' line each."""
+        problems = []
+        res = recipe.data.resolution
+        if res % cls.size_multiple:
+            problems.append(f"data.resolution: {cls.name} models need a multiple of {cls.size_multiple}, got {res}")
+        for objective, keys in OBJECTIVE_KEYS.items():
+            if objective == cls.objective:
+                continue
+            for key in keys:
+                if recipe.differs_from_default(key):
+                    problems.append(f"{key}: {cls.name} models train by {cls.objective}; this key is for "
+                                    f"{objective} models (got {recipe.get(key)!r})")
+        family_keys = {k for other in _other_families(cls) for k in other.extra_recipe_keys} - set(cls.extra_recipe_keys)
+        for key in sorted(family_keys):
+            if recipe.differs_from_default(key):
+                problems.append(f"{key}: does not apply to {cls.name} models (got {recipe.get(key)!r})")
+        if recipe.model.refiner and not cls.refiner_capable:
+            problems.append(f"model.refiner: {cls.name} models take no refiner")
+        return problems
+
     # --- loading ------------------------------------------------------------
     @classmethod
-    def load(cls, model_cfg, dtype: torch.dtype = torch.float32) -> "Family":
+    def load(cls, model_cfg, dtype: Optional["torch.dtype"] = None) -> "Family":
         """Load every component from a hub id or folder (recipe `model` section)."""
         import diffusers
+        import torch
+
+        dtype = dtype or torch.float32
 
         from sdkit.inference.sampling import dtype_kwarg, quiet_loading
 
@@ -76,11 +122,11 @@ class Family:
 
     # --- components -----------------------------------------------------------
     @property
-    def denoiser(self) -> torch.nn.Module:
+    def denoiser(self) -> "torch.nn.Module":
         return self.components[self.denoiser_attr]
 
     @denoiser.setter
-    def denoiser(self, module: torch.nn.Module) -> None:
+    def denoiser(self, module: "torch.nn.Module") -> None:
         self.components[self.denoiser_attr] = module
 
     @property
@@ -88,7 +134,7 @@ class Family:
         return self.components["vae"]
 
     @property
-    def text_encoders(self) -> list[torch.nn.Module]:
+    def text_encoders(self) -> list["torch.nn.Module"]:
         return [self.components[a] for a in self.text_encoder_attrs if self.components.get(a) is not None]
 
     @property
@@ -99,7 +145,7 @@ class Family:
     def scheduler_config(self) -> dict:
         return dict(self.components["scheduler"].config)
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
+    def frozen_modules(self) -> list["torch.nn.Module"]:
         return [self.vae, *self.text_encoders]
 
     # --- encoding -------------------------------------------------------------
@@ -114,6 +160,8 @@ class Family:
 
     def sample_latents(self, moments: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         """Draw latents from cached posterior parameters and bring them to the denoiser's scale."""
+        import torch
+
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
@@ -133,6 +181,20 @@ class Family:
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         return denoiser(noisy, timesteps, **cond, return_dict=False)[0]
 
+    # --- example inputs (sdkit plan traces the real step on these) -----------------
+    @classmethod
+    def example_text(cls, batch: int, denoiser_config: dict, dtype) -> dict[str, "torch.Tensor"]:
+        """Zeros shaped like `encode_text`'s output for a denoiser of this config."""
+        raise NotImplementedError
+
+    @classmethod
+    def example_extras(cls, batch: int, resolution: int) -> dict[str, "torch.Tensor"]:
+        """Per-image values besides pixels and captions that `conditioning` reads from a batch."""
+        import torch
+
+        sizes = torch.full((batch, 2), resolution, dtype=torch.long)
+        return {"original_size": sizes, "crop_top_left": torch.zeros(batch, 2, dtype=torch.long)}
+
     # --- pipelines ------------------------------------------------------------
     def pipeline(self, **replace) -> Any:
         """A diffusers pipeline over the current components (replace any of them)."""
@@ -140,3 +202,9 @@ class Family:
 
         components = {**self.components, **replace}
         return getattr(diffusers, self.pipeline_class)(**components)
+
+
+def _other_families(cls) -> list:
+    from sdkit.families import family_class, family_names
+
+    return [family_class(n) for n in family_names() if n != cls.name]

@@ -6,12 +6,10 @@ scheduler config the model ships.
 
 from __future__ import annotations
 
-import torch
-
 from sdkit.families.base import Family
 
 
-def clip_token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+def clip_token_ids(tokenizer, captions: list[str]):
     return tokenizer(
         captions,
         padding="max_length",
@@ -47,3 +45,15 @@ class StableDiffusion(Family):
 
     def conditioning(self, text, batch, resolution):
         return {"encoder_hidden_states": text["prompt_embeds"]}
+
+    @classmethod
+    def example_text(cls, batch, denoiser_config, dtype):
+        import torch
+
+        width = cross_attention_width(denoiser_config)
+        return {"prompt_embeds": torch.zeros(batch, cls.text_tokens, width, dtype=dtype)}
+
+
+def cross_attention_width(denoiser_config: dict) -> int:
+    width = denoiser_config["cross_attention_dim"]
+    return width[0] if isinstance(width, (list, tuple)) else width

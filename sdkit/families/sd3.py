@@ -10,10 +10,7 @@ what the pipeline itself feeds the transformer when text_encoder_3 is absent.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from sdkit.families.base import Family
+from sdkit.families.base import CLIP_TOKENS, Family
 from sdkit.families.sd import clip_token_ids
 
 
@@ -23,13 +20,18 @@ class StableDiffusion3(Family):
     denoiser_attr = "transformer"
     # The CLIPs are what train_text_encoder trains (and what SD3 LoRA files can hold); T5 stays frozen.
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    all_text_encoder_attrs = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     objective = "flow"
+    latent_channels = 16
+    size_multiple = 16  # VAE factor 8 x the transformer's 2x2 patches
+    extra_recipe_keys = ("model.load_t5",)
     # Joint attention: image stream (to_*) and text stream (add_*/to_add_out) projections.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # T5 tokens per caption in training (diffusers' SD3 training scripts use 77 too; the
     # transformer's joint attention takes any text length, the pipeline defaults to 256).
     t5_max_length = 77
+    text_tokens = CLIP_TOKENS + t5_max_length  # CLIP-L/G side by side, then T5 (or zeros)
 
     @classmethod
     def load_overrides(cls, model_cfg, dtype):
@@ -46,6 +48,9 @@ class StableDiffusion3(Family):
 
     # --- encoding -------------------------------------------------------------
     def encode_text(self, captions):
+        import torch
+        import torch.nn.functional as F
+
         clip_hidden, pooled = [], []
         for tokenizer_attr, encoder_attr in zip(self.tokenizer_attrs, self.text_encoder_attrs):
             encoder = self.components[encoder_attr]
@@ -58,7 +63,7 @@ class StableDiffusion3(Family):
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"prompt_embeds": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled_prompt_embeds": torch.cat(pooled, dim=-1)}
 
-    def _t5_embeds(self, captions, like: torch.Tensor) -> torch.Tensor:
+    def _t5_embeds(self, captions, like):
         if self.t5 is None:
             width = self.denoiser.config.joint_attention_dim
             return like.new_zeros((len(captions), self.t5_max_length, width))
@@ -75,3 +80,12 @@ class StableDiffusion3(Family):
     def predict(self, denoiser, noisy, timesteps, cond):
         # The flow objective's timesteps are sigma * 1000, the scale the SD3 scheduler feeds in.
         return denoiser(hidden_states=noisy, timestep=timesteps, **cond, return_dict=False)[0]
+
+    @classmethod
+    def example_text(cls, batch, denoiser_config, dtype):
+        import torch
+
+        return {
+            "prompt_embeds": torch.zeros(batch, cls.text_tokens, denoiser_config["joint_attention_dim"], dtype=dtype),
+            "pooled_prompt_embeds": torch.zeros(batch, denoiser_config["pooled_projection_dim"], dtype=dtype),
+        }

@@ -9,15 +9,17 @@ the model learns what a crop looks like, and sampling asks for an uncropped full
 
 from __future__ import annotations
 
-import torch
-
 from sdkit.errors import UserError
 from sdkit.families.base import Family
-from sdkit.families.sd import clip_token_ids
+from sdkit.families.sd import clip_token_ids, cross_attention_width
+
+TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 
 
-def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: int) -> torch.Tensor:
+def time_ids(original_size, crop_top_left, target_size: int):
     """[B, 6] float: (orig h, orig w, crop top, crop left, target h, target w) per image."""
+    import torch
+
     target = torch.tensor([target_size, target_size], dtype=torch.long).expand(original_size.shape[0], 2)
     return torch.cat([original_size.long(), crop_top_left.long(), target], dim=1).float()
 
@@ -26,6 +28,7 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     text_encoder_attrs = ("text_encoder", "text_encoder_2")
+    all_text_encoder_attrs = text_encoder_attrs
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     refiner_capable = True
 
@@ -39,7 +42,7 @@ class StableDiffusionXL(Family):
         return "sdxl_refiner" if cls.is_refiner_only(model_index) else "sdxl"
 
     @classmethod
-    def load(cls, model_cfg, dtype: torch.dtype = torch.float32) -> "StableDiffusionXL":
+    def load(cls, model_cfg, dtype=None) -> "StableDiffusionXL":
         from sdkit.inference.loading import read_model_index
 
         # sdkit uses the refiner for sampling (model.refiner), it does not train it.
@@ -53,6 +56,8 @@ class StableDiffusionXL(Family):
 
     # --- encoding -------------------------------------------------------------
     def encode_text(self, captions):
+        import torch
+
         hidden, pooled = [], None
         for tokenizer_attr, encoder_attr in zip(self.tokenizer_attrs, self.text_encoder_attrs):
             encoder = self.components[encoder_attr]
@@ -63,6 +68,8 @@ class StableDiffusionXL(Family):
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
 
     def encode_images(self, pixels):
+        import torch
+
         vae = self.vae
         if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             # The stock SDXL VAE overflows in fp16 (NaN latents): encode in fp32, as the pipeline
@@ -81,4 +88,14 @@ class StableDiffusionXL(Family):
         return {
             "encoder_hidden_states": text["prompt_embeds"],
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)},
+        }
+
+    @classmethod
+    def example_text(cls, batch, denoiser_config, dtype):
+        import torch
+
+        pooled = denoiser_config["projection_class_embeddings_input_dim"] - TIME_IDS * denoiser_config["addition_time_embed_dim"]
+        return {
+            "prompt_embeds": torch.zeros(batch, cls.text_tokens, cross_attention_width(denoiser_config), dtype=dtype),
+            "pooled_prompt_embeds": torch.zeros(batch, pooled, dtype=dtype),
         }
