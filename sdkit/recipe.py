@@ -48,6 +48,11 @@ class MethodConfig(_Section):
     )
     train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (LoRA on their attention).")
 
+    @property
+    def lora_alpha(self) -> float:
+        """LoRA alpha; defaults to the rank (scale 1)."""
+        return self.alpha or self.rank
+
 
 class DataConfig(_Section):
     dataset: str = Field(
@@ -168,6 +173,52 @@ class Recipe(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    # --- derived values: every part of sdkit asks these, none restates them
+    @property
+    def lora_alpha(self) -> float:
+        """LoRA alpha; defaults to the rank (scale 1)."""
+        return self.method.lora_alpha
+
+    def effective_batch(self, processes: int = 1) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.train.batch_size * self.train.gradient_accumulation * processes
+
+    def learning_rate(self, processes: int = 1) -> float:
+        """Peak learning rate, scaled by the effective batch when optim.scale_lr is on."""
+        return self.optim.lr * (self.effective_batch(processes) if self.optim.scale_lr else 1)
+
+    @property
+    def ema_applies(self) -> bool:
+        """An EMA averages the whole denoiser: kept for full fine-tunes only."""
+        return self.train.ema and self.method.type == "full"
+
+    def cache_blocker(self) -> Optional[str]:
+        """Why latents and text embeddings cannot be cached, or None when they can."""
+        if self.method.train_text_encoder:
+            return "the text encoder is trained"
+        if not self.data.center_crop:
+            return "random crops change the pixels every epoch (data.center_crop=false)"
+        return None
+
+    @property
+    def cache_used(self) -> bool:
+        """Training reads latents and text embeddings from the cache (encoders off the accelerator)."""
+        return self.data.cache and self.cache_blocker() is None
+
+    # --- dotted access, for checks that name keys
+    def get(self, key: str) -> Any:
+        node: Any = self
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def differs_from_default(self, key: str) -> bool:
+        section, _, leaf = key.rpartition(".")
+        owner = self.get(section) if section else self
+        info = type(owner).model_fields[leaf]
+        default = info.get_default(call_default_factory=True)
+        return getattr(owner, leaf) != default
+
 
 # ---------------------------------------------------------------- loading
 
@@ -207,20 +258,21 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown key '{key}'{hint}"
 
 
-def _walk_unknown(data: Any, model: type[BaseModel], prefix: str = "") -> Optional[str]:
+def _walk_unknown(data: Any, model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key in `data` that the schema does not know, dotted."""
     if not isinstance(data, dict):
-        return None
+        return []
+    bad = []
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         info = model.model_fields.get(key)
         if info is None:
-            return dotted
+            bad.append(dotted)
+            continue
         ann = info.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            bad = _walk_unknown(value, ann, dotted + ".")
-            if bad:
-                return bad
-    return None
+            bad += _walk_unknown(value, ann, dotted + ".")
+    return bad
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -286,30 +338,57 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     return recipe_from_dict(data, where, touched)
 
 
-def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = frozenset()) -> Recipe:
-    def origin(key: str) -> str:
-        return "command line" if key in from_cli else where
+ECHO_LIMIT = 60  # characters of a bad value echoed back in an error
 
-    bad = _walk_unknown(data, Recipe)
-    if bad:
-        raise UserError(f"{origin(bad)}: {_unknown_key_message(bad)}")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
+
+def _echo(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= ECHO_LIMIT else text[: ECHO_LIMIT - 3] + "..."
+
+
+def _validation_lines(e: ValidationError, origin) -> list[str]:
+    lines = []
+    for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "is required"
         elif "input" in err and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {_echo(err['input'])})"
         msg = msg.replace("Value error, ", "")
-        return_key = key or "recipe"
-        raise UserError(f"{origin(key)}: {return_key}: {msg}") from None
-    check_local_ref(recipe.model.pretrained, "model.pretrained")
-    for key in ("vae", "refiner"):
-        ref = getattr(recipe.model, key)
+        lines.append(f"{origin(key)}: {key or 'recipe'}: {msg}")
+    return lines
+
+
+def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = frozenset()) -> Recipe:
+    """Validate a recipe; every problem in it is reported at once, one line each (exit 2)."""
+    def origin(key: str) -> str:
+        return "command line" if key in from_cli else where
+
+    problems = [f"{origin(bad)}: {_unknown_key_message(bad)}" for bad in _walk_unknown(data, Recipe)]
+    if problems:  # unknown keys first: pydantic would report each again as 'extra inputs'
+        raise UserError("\n".join(problems))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError("\n".join(_validation_lines(e, origin))) from None
+    for key in ("model.pretrained", "model.vae", "model.refiner", "data.dataset"):
+        ref = recipe.get(key)
         if ref:
-            check_local_ref(ref, f"model.{key}")
-    check_local_ref(recipe.data.dataset, "data.dataset")
+            try:
+                check_local_ref(ref, key)
+            except UserError as e:
+                problems.append(f"{origin(key)}: {e}")
+    problems += [f"{origin(line.split(':', 1)[0])}: {line}" for line in _family_problems(recipe)]
+    if problems:
+        raise UserError("\n".join(problems))
     return recipe
+
+
+def _family_problems(recipe: Recipe) -> list[str]:
+    """What the model's family rejects, when the family is known without a download
+    (model.family given, or a local folder); the trainer asks again once it knows it."""
+    from sdkit.families import check_recipe_family, local_family
+
+    name = recipe.model.family if recipe.model.family != "auto" else local_family(recipe.model.pretrained)
+    return check_recipe_family(recipe, name) if name else []
