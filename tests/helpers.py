@@ -44,6 +44,19 @@ def train_recipe(path: Path, overrides=()):
     return trainer
 
 
+def fit_with(trainer, before_loop):
+    """Train `trainer` in this process, calling before_loop(trainer) once its parts are built
+    (to wrap trainer.step.compute_loss, say); returns the trainer."""
+    trainer.setup()
+    try:
+        before_loop(trainer)
+        trainer.loop()
+        trainer.finish()
+    finally:
+        trainer.accelerator.end_training()
+    return trainer
+
+
 def loss_fell(history: list[float], window: int = 10, factor: float = 0.7) -> tuple[bool, float, float]:
     first = sum(history[:window]) / window
     last = sum(history[-window:]) / window

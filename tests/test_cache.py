@@ -51,9 +51,9 @@ def make_trainer(tmp_path, model, data, out, overrides=(), steps=4):
 def setup_and_train(trainer, calls: EncoderCalls):
     """(encoder calls during set-up, encoder calls during the training steps)."""
     try:
-        trainer._setup()
+        trainer.setup()
         after_setup = calls.counts()
-        trainer._loop()
+        trainer.loop()
         after_loop = calls.counts()
     finally:
         trainer.accelerator.end_training()
@@ -69,7 +69,7 @@ def test_training_from_the_cache_runs_no_encoder(tiny_sd, image_folder, tmp_path
     trainer = make_trainer(tmp_path, tiny_sd, image_folder, out, steps=4)
     with EncoderCalls() as calls:
         (setup_vae, setup_text), during = setup_and_train(trainer, calls)
-    assert trainer.cached
+    assert trainer.data.cached
     assert setup_vae >= 1 and setup_text >= 2  # the samples, and the empty caption
     assert during == (0, 0)
     # 4 images, no flip: one entry each, plus the empty-caption embedding
@@ -85,7 +85,7 @@ def test_without_the_cache_every_step_encodes(tiny_sd, image_folder, tmp_path):
     trainer = make_trainer(tmp_path, tiny_sd, image_folder, out, ["data.cache=false"], steps=3)
     with EncoderCalls() as calls:
         _, during = setup_and_train(trainer, calls)
-    assert not trainer.cached and not (out / "cache").exists()
+    assert not trainer.data.cached and not (out / "cache").exists()
     assert during == (3, 3)
 
 
@@ -111,7 +111,7 @@ def test_cached_and_uncached_runs_reach_the_same_loss(method, tiny_sd, image_fol
         trainer = make_trainer(tmp_path, tiny_sd, image_folder, tmp_path / f"run-{cache}",
                                [*opts, f"data.cache={cache}"], steps=6)
         trainer.fit()
-        assert trainer.cached is cache
+        assert trainer.data.cached is cache
         runs[cache] = trainer
     cached, uncached = runs[True].loss_history, runs[False].loss_history
     assert len(cached) == len(uncached) == 6
@@ -158,7 +158,7 @@ def test_a_changed_resolution_gets_its_own_cache(tiny_sd, image_folder, tmp_path
         setup, during = setup_and_train(trainer, calls)
     assert setup[0] >= 1 and during == (0, 0)
     keys = sorted(p.name for p in (out / "cache").iterdir())
-    assert len(keys) == 2 and trainer.dataset.cache.root.name in keys
+    assert len(keys) == 2 and trainer.data.dataset.cache.root.name in keys
     from safetensors.torch import load_file
 
     sizes = {load_file(p)["moments"].shape[-1] for p in (out / "cache").glob("*/0000000-*.safetensors")}
@@ -193,12 +193,12 @@ def test_random_flip_caches_both_variants(tiny_sd, image_folder, tmp_path):
 
     out = tmp_path / "run"
     trainer = make_trainer(tmp_path, tiny_sd, image_folder, out, ["data.random_flip=true"], steps=1)
-    trainer._setup()
+    trainer.setup()
     trainer.accelerator.end_training()
     names = [p.name for p in cache_files(out) if not p.name.startswith("empty")]
     assert len(names) == 8 and {n.split("-")[1] for n in names} == {"0", "1"}
 
-    dataset, cache, family = trainer.dataset.dataset, trainer.dataset.cache, trainer.family
+    dataset, cache, family = trainer.data.dataset.dataset, trainer.data.dataset.cache, trainer.family
     with torch.no_grad():
         for flip in (False, True):
             pixels = dataset.item(2, flip)["pixel_values"][None]
@@ -222,7 +222,7 @@ def test_cache_is_off_where_it_would_be_wrong(overrides, reason, tiny_sd, image_
     trainer = make_trainer(tmp_path, tiny_sd, image_folder, out, overrides, steps=2)
     with EncoderCalls() as calls:
         _, during = setup_and_train(trainer, calls)
-    assert not trainer.cached and not (out / "cache").exists()
+    assert not trainer.data.cached and not (out / "cache").exists()
     assert during == (2, 2)
     if reason:  # the log says why (rich wraps long lines: compare with whitespace collapsed)
         assert f"latent cache off: {reason}" in " ".join(capsys.readouterr().err.split())

@@ -118,7 +118,7 @@ def test_lora_with_text_encoders_learns_and_loads_with_diffusers(sd3_sharp, imag
         method={"type": "lora", "rank": 16, "target_modules": TINY_LORA_TARGETS, "train_text_encoder": True},
     )
     trainer = train_recipe(recipe)
-    assert isinstance(trainer.objective, FlowMatchingObjective)
+    assert isinstance(trainer.step.objective, FlowMatchingObjective)
     fell, first, last = loss_fell(trainer.loss_history, window=20)
     assert fell, f"loss did not fall: first {first:.4f} last {last:.4f}"
 

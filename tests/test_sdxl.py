@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import check_resume_after_sigkill, loss_fell, train_recipe, write_recipe
+from helpers import check_resume_after_sigkill, fit_with, loss_fell, train_recipe, write_recipe
 
 from sdkit.errors import UserError
 
@@ -138,22 +138,24 @@ def _record_time_ids(recipe_path, overrides=()):
     from sdkit.recipe import load_recipe
     from sdkit.training.trainer import Trainer
 
-    trainer = Trainer(load_recipe(recipe_path, list(overrides)))
     calls, received = [], []
-    compute = trainer.compute_loss
 
     def hook(module, args, kwargs):
         received.append(kwargs["added_cond_kwargs"]["time_ids"].detach().cpu().clone())
 
-    def recording(batch):
-        if not received and not calls:
-            trainer.family.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-        calls.append({"index": [int(i) for i in batch["index"]], "crop": batch["crop_top_left"].clone()})
-        return compute(batch)
+    def record(trainer):
+        compute = trainer.step.compute_loss
 
-    trainer.compute_loss = recording
-    trainer.fit()
-    source = getattr(trainer.dataset, "dataset", trainer.dataset)  # the cache wraps the dataset
+        def recording(batch):
+            calls.append({"index": [int(i) for i in batch["index"]], "crop": batch["crop_top_left"].clone()})
+            return compute(batch)
+
+        trainer.family.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+        trainer.step.compute_loss = recording
+
+    trainer = fit_with(Trainer(load_recipe(recipe_path, list(overrides))), record)
+    dataset = trainer.data.dataset
+    source = getattr(dataset, "dataset", dataset)  # the cache wraps the dataset
     originals = []
     for record in source.records:
         with Image.open(record.path) as image:

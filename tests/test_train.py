@@ -114,12 +114,17 @@ from sdkit.training.trainer import Trainer
 
 trainer = Trainer(load_recipe(sys.argv[1]))
 seen = []
-compute = trainer.compute_loss
-def recording(batch):
-    seen.extend(int(i) for i in batch["index"])
-    return compute(batch)
-trainer.compute_loss = recording
-trainer.fit()
+def record_batches(trainer):
+    compute = trainer.step.compute_loss
+    def recording(batch):
+        seen.extend(int(i) for i in batch["index"])
+        return compute(batch)
+    trainer.step.compute_loss = recording
+trainer.setup()
+record_batches(trainer)
+trainer.loop()
+trainer.finish()
+trainer.accelerator.end_training()
 rank = trainer.accelerator.process_index
 out = sys.argv[2]
 json.dump({"seen": seen, "world": trainer.accelerator.num_processes}, open(f"{out}/seen-{rank}.json", "w"))
@@ -182,7 +187,7 @@ def test_memory_savers_and_loss_options_train(tiny_sd, images, tmp_path):
     )
     trainer = train_recipe(recipe)
     assert trainer.state.step == 6 and all(np.isfinite(trainer.loss_history))
-    assert type(trainer.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert type(trainer.step.optimizer.optimizer).__name__ == "AdamW8bit"
     assert trainer.family.denoiser.is_gradient_checkpointing
     lora = trainer.trainable_state()
     assert all(v.dtype == torch.float32 for v in lora.values())  # adapters train in fp32 under bf16

@@ -1,16 +1,14 @@
 """What trains: the whole denoiser (full fine-tune) or LoRA adapters (peft).
 
-An adapter decides which parameters get gradients, how the result is saved, and what
-a checkpoint must hold to resume. The training loop does not know which one it has.
+An adapter answers every method question, so the trainer, `sdkit plan` and `sdkit bench` ask it
+and never the method's name: which parameters train and in which dtype, the dtype of the
+denoiser's inputs, what a checkpoint holds, how the result is saved, and which recipe values
+a resumed run must share (its part of the run's shape).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-
-from sdkit.families.base import Family
 
 
 def _lora_config(method, targets):
@@ -18,11 +16,16 @@ def _lora_config(method, targets):
 
     return LoraConfig(
         r=method.rank,
-        lora_alpha=method.alpha or method.rank,
+        lora_alpha=method.lora_alpha,
         lora_dropout=method.dropout,
         init_lora_weights="gaussian",
         target_modules=list(targets),
     )
+
+
+def _freeze(family) -> None:
+    for module in [family.denoiser, *family.frozen_modules()]:
+        module.requires_grad_(False)
 
 
 class FullFineTune:
@@ -33,20 +36,32 @@ class FullFineTune:
     def __init__(self, method):
         self.method = method
 
-    def attach(self, family: Family) -> list[torch.nn.Module]:
-        """Mark what trains; returns the trainable modules (denoiser first)."""
-        family.denoiser.requires_grad_(True)
+    def attach(self, family) -> list:
+        """Mark what trains, in fp32 master weights; returns the trainable modules (denoiser first)."""
+        import torch
+
+        _freeze(family)
         modules = [family.denoiser]
         if self.method.train_text_encoder:
-            for enc in family.text_encoders:
-                enc.requires_grad_(True)
-                modules.append(enc)
+            modules += family.text_encoders
+        for module in modules:  # trainable weights stay fp32 under mixed precision
+            module.to(torch.float32)
+            module.requires_grad_(True)
         return modules
 
-    def trainable_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in module.state_dict().items()}
+    def compute_dtype(self, weight_dtype):
+        """The denoiser's inputs match its fp32 weights (autocast lowers the matmuls)."""
+        import torch
 
-    def save(self, family: Family, modules: list[torch.nn.Module], out: Path) -> list[Path]:
+        return torch.float32
+
+    def shape(self, family) -> dict:
+        return {"method.type": self.kind, "method.train_text_encoder": self.method.train_text_encoder}
+
+    def trainable_state(self, module) -> dict:
+        return dict(module.state_dict())
+
+    def save(self, family, modules: list, out: Path) -> list[Path]:
         # The run folder itself becomes a diffusers pipeline folder.
         replace = {family.denoiser_attr: modules[0]}
         for attr, enc in zip(family.text_encoder_attrs, modules[1:]):
@@ -63,9 +78,12 @@ class LoRA:
     def __init__(self, method):
         self.method = method
 
-    def attach(self, family: Family) -> list[torch.nn.Module]:
-        targets = self.method.target_modules or family.lora_targets
-        family.denoiser.add_adapter(_lora_config(self.method, targets))
+    def targets(self, family) -> list[str]:
+        return list(self.method.target_modules or family.lora_targets)
+
+    def attach(self, family) -> list:
+        _freeze(family)
+        family.denoiser.add_adapter(_lora_config(self.method, self.targets(family)))
         modules = [family.denoiser]
         if self.method.train_text_encoder:
             for enc in family.text_encoders:
@@ -77,12 +95,21 @@ class LoRA:
                     p.data = p.data.float()
         return modules
 
-    def trainable_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def compute_dtype(self, weight_dtype):
+        """The frozen base runs in the weight dtype; its inputs match it."""
+        return weight_dtype
+
+    def shape(self, family) -> dict:
+        m = self.method
+        return {"method.type": self.kind, "method.rank": m.rank, "method.alpha": m.lora_alpha,
+                "method.target_modules": self.targets(family), "method.train_text_encoder": m.train_text_encoder}
+
+    def trainable_state(self, module) -> dict:
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(module)
 
-    def load_trainable_state(self, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state(self, module, state: dict) -> None:
         from peft.utils import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(module, state)
@@ -90,7 +117,7 @@ class LoRA:
         if unexpected:
             raise RuntimeError(f"LoRA checkpoint does not match the model: unexpected keys {unexpected[:3]}")
 
-    def save(self, family: Family, modules: list[torch.nn.Module], out: Path) -> list[Path]:
+    def save(self, family, modules: list, out: Path) -> list[Path]:
         import diffusers
 
         kwargs = {}
@@ -105,5 +132,8 @@ class LoRA:
         return [out / "pytorch_lora_weights.safetensors"]
 
 
+ADAPTERS = {"full": FullFineTune, "lora": LoRA}
+
+
 def make_adapter(method):
-    return {"full": FullFineTune, "lora": LoRA}[method.type](method)
+    return ADAPTERS[method.type](method)

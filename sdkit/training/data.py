@@ -443,10 +443,6 @@ class TrainDataset(torch.utils.data.Dataset):
             crop=None if self.cfg.center_crop else (top, left),
         )
 
-    def is_cacheable(self) -> bool:
-        """Latents can be cached only when each flip variant always gives the same pixels."""
-        return self.cfg.center_crop
-
     def cache_variants(self) -> list[bool]:
         return [False, True] if self.cfg.random_flip else [False]
 

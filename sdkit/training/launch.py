@@ -48,12 +48,12 @@ def process_count(config: dict) -> int:
 
 def describe(recipe: Recipe, processes: int) -> str:
     from sdkit.families import resolve_family_name
-    from sdkit.training.trainer import find_resume_checkpoint
+    from sdkit.training.checkpoints import find_resume_checkpoint
 
     family = resolve_family_name(recipe.model)
     t = recipe.train
     length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epochs"
-    effective = t.batch_size * t.gradient_accumulation * processes
+    effective = recipe.effective_batch(processes)
     resume = find_resume_checkpoint(recipe) if t.resume else None
     lines = [
         f"family: {family}   method: {recipe.method.type}"

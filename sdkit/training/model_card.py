@@ -22,7 +22,8 @@ image = pipe("{prompt}").images[0]
 }
 
 
-def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, final_loss: Optional[float]) -> Path:
+def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, final_loss: Optional[float],
+                     lr: Optional[float] = None) -> Path:
     prompt = (recipe.validation.prompts or [recipe.data.instance_prompt or "a photo"])[0]
     method = recipe.method.type
     lines = [
@@ -37,12 +38,12 @@ def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, 
         f"{'LoRA' if method == 'lora' else 'Full fine-tune'} of `{recipe.model.pretrained}` ({family}) "
         f"trained with sdkit for {steps} steps on `{recipe.data.dataset}` at {recipe.data.resolution} px.",
         "",
-        f"- learning rate {recipe.optim.lr} ({recipe.optim.name}, {recipe.optim.lr_scheduler})",
+        f"- learning rate {lr or recipe.optim.lr} ({recipe.optim.name}, {recipe.optim.lr_scheduler})",
         f"- batch size {recipe.train.batch_size} x {recipe.train.gradient_accumulation} accumulation",
         f"- mixed precision {recipe.train.mixed_precision}",
     ]
     if method == "lora":
-        lines.append(f"- LoRA rank {recipe.method.rank}, alpha {recipe.method.alpha or recipe.method.rank}")
+        lines.append(f"- LoRA rank {recipe.method.rank}, alpha {recipe.lora_alpha}")
     if final_loss is not None:
         lines.append(f"- final training loss {final_loss:.4f}")
     lines += ["", "## Use", "", USAGE[method].format(run=run_dir, base=recipe.model.pretrained, prompt=prompt), "",

@@ -1,0 +1,163 @@
+"""Builders: each turns the recipe into one part of a run and returns it.
+
+The trainer calls them in order; `sdkit bench` gets its parts from the trainer, and `sdkit plan`
+calls `prepare_modules` and `build_step` itself on a family built from configs on fake tensors,
+so the rules they hold (what trains and in which dtype, the optimizer, the EMA, the objective,
+the step) are written once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sdkit.training.optim import EMA, make_lr_schedule, make_optimizer
+from sdkit.training.step import TrainStep
+
+
+def weight_dtype(precision: str):
+    """dtype of the frozen weights (and of the inputs of a frozen base) under `precision`."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def load_family(recipe, family_name: str, dtype):
+    from sdkit.families import family_class
+
+    return family_class(family_name).load(recipe.model, dtype=dtype)
+
+
+def prepare_modules(family, adapter, recipe) -> list:
+    """Attach the adapter and apply the memory options; returns the trainable modules, denoiser first."""
+    modules = adapter.attach(family)
+    t = recipe.train
+    if t.gradient_checkpointing:
+        for module in modules:
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers
+                module.enable_gradient_checkpointing()
+            else:  # transformers' text encoders
+                module.gradient_checkpointing_enable()
+    if t.channels_last:
+        import torch
+
+        family.denoiser.to(memory_format=torch.channels_last)
+    return modules
+
+
+def total_steps(recipe, batches_per_epoch: int) -> int:
+    t = recipe.train
+    if t.max_steps:
+        return t.max_steps
+    return max(1, math.ceil(batches_per_epoch / t.gradient_accumulation) * t.epochs)
+
+
+def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, steps: int,
+               optimizer_factory: Callable = make_optimizer) -> TrainStep:
+    """Optimizer, schedule, objective, EMA and noise generator around the prepared modules."""
+    import torch
+
+    from sdkit.training.objectives import make_objective
+
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    optimizer = optimizer_factory(params, recipe.optim, recipe.learning_rate(accelerator.num_processes))
+    schedule = make_lr_schedule(optimizer, recipe.optim, steps)
+    if recipe.train.compile:
+        modules = [torch.compile(modules[0]), *modules[1:]]
+    prepared = accelerator.prepare(*modules, optimizer, schedule)
+    modules, (optimizer, schedule) = list(prepared[: len(modules)]), prepared[len(modules):]
+    ema = EMA(accelerator.unwrap_model(modules[0]), recipe.train.ema_decay) if recipe.ema_applies else None
+    # All randomness of a step (latent sampling, noise, timesteps) comes from this stream,
+    # one per rank, saved in every checkpoint: resumed runs draw exactly the same numbers.
+    rng = torch.Generator().manual_seed(recipe.train.seed * 1000 + accelerator.process_index)
+    return TrainStep(
+        family=family, modules=modules, params=params,
+        objective=make_objective(family.objective, family.scheduler_config, recipe.train),
+        optimizer=optimizer, lr_scheduler=schedule, accelerator=accelerator, noise_rng=rng,
+        compute_dtype=adapter.compute_dtype(dtype), resolution=recipe.data.resolution,
+        accumulation=recipe.train.gradient_accumulation, max_grad_norm=recipe.optim.max_grad_norm,
+        ema=ema, trains_text=recipe.method.train_text_encoder,
+    )
+
+
+# ----------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    loader: Any
+    sampler: Any
+    dataset: Any
+    cached: bool
+    cache_build_s: float = 0.0
+
+
+def build_data(recipe, family, family_name: str, dtype, accelerator, *, log: Callable, progress: Callable) -> Data:
+    """Records, transforms, the latent cache when it applies, this rank's sampler and loader.
+    `progress()` returns a rich progress bar (a context manager) for the cache build."""
+    from torch.utils.data import DataLoader
+
+    from sdkit.training.data import EpochSampler, TrainDataset, collate, load_records
+
+    acc = accelerator
+    records = load_records(recipe.data, log=log, progress=acc.is_main_process)
+    dataset = TrainDataset(records, recipe.data, seed=recipe.train.seed)
+    collate_fn, cached, build_s = collate, False, 0.0
+    if recipe.data.cache:
+        reason = recipe.cache_blocker()
+        if reason:
+            log(f"latent cache off: {reason}")
+        else:
+            started = time.perf_counter()
+            dataset, collate_fn = _cached(recipe, family, family_name, dtype, dataset, acc, log, progress)
+            cached, build_s = True, time.perf_counter() - started
+    sampler = EpochSampler(len(dataset), recipe.train.batch_size, seed=recipe.train.seed,
+                           rank=acc.process_index, world_size=acc.num_processes)
+    loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collate_fn,
+                        num_workers=recipe.data.num_workers, pin_memory=acc.device.type == "cuda",
+                        persistent_workers=False)
+    return Data(loader, sampler, dataset, cached, build_s)
+
+
+def _cached(recipe, family, family_name, dtype, dataset, acc, log, progress):
+    from sdkit.training.cache import CachedDataset, LatentCache, cache_key, collate_cached
+
+    cache = LatentCache(Path(recipe.output_dir) / "cache" / cache_key(recipe, family_name, dtype))
+    todo = len(cache.missing(dataset, acc.process_index, acc.num_processes))
+    if todo:
+        with progress() as bar:
+            task = bar.add_task("caching latents + text", total=todo, loss="", lr="")
+            cache.build(family, dataset, rank=acc.process_index, world_size=acc.num_processes,
+                        on_progress=lambda done, total: bar.update(task, completed=done))
+    acc.wait_for_everyone()
+    log(f"latent cache: {cache.root} ({todo} encoded on this process, the rest reused)")
+    # Encoders are idle while training from the cache: keep them off the accelerator.
+    for module in family.frozen_modules():
+        module.to("cpu")
+    return CachedDataset(dataset, cache), collate_cached
+
+
+def move_frozen(family, device) -> None:
+    for module in family.frozen_modules():
+        module.to(device)
+
+
+def refiner_loader(ref: Optional[str], dtype) -> Callable:
+    """Loads the SDXL refiner for validation images on first use (kept on the CPU between uses)."""
+    state: dict = {}
+
+    def get():
+        if not ref:
+            return None
+        if "pipe" not in state:
+            from diffusers import DiffusionPipeline
+
+            from sdkit.inference.sampling import dtype_kwarg
+
+            state["pipe"] = DiffusionPipeline.from_pretrained(ref, **dtype_kwarg(dtype))
+        return state["pipe"]
+
+    return get

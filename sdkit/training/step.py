@@ -1,0 +1,114 @@
+"""ONE training step, for every family and method: the trainer loops over it, `sdkit bench`
+times it and `sdkit plan` traces it on fake tensors. Nothing else computes a training loss.
+
+A step takes `accumulation` micro-batches from an iterator: each is encoded (unless its
+latents / text embeddings come from the cache), noised by the objective, denoised and
+back-propagated; then the gradients are clipped and the optimizer, the schedule and the EMA
+step once. It returns the mean loss as a tensor on the device and never reads it back, so
+the device is synchronised only where the caller asks for the number (the log interval).
+
+Its parts come from the builders (sdkit.training.build). The `accelerator` is anything with
+accelerate's Accelerator methods used here (backward, clip_grad_norm_, autocast, no_sync,
+unwrap_model, device, num_processes): plan passes a plain-torch stand-in. `phase(name)` is a
+context manager factory the caller may replace to time or trace the phases "data",
+"encoders", "forward", "backward" and "optimizer".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+PHASES = ("data", "encoders", "forward", "backward", "optimizer")
+
+
+def no_phase(name: str):
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainStep:
+    family: Any
+    modules: list  # trainable modules, denoiser first (as the accelerator prepared them)
+    params: list  # their trainable parameters
+    objective: Any
+    optimizer: Any
+    lr_scheduler: Any
+    accelerator: Any
+    noise_rng: Any  # torch.Generator: latents, noise and timesteps; saved in every checkpoint
+    compute_dtype: Any  # dtype of the denoiser's inputs (the adapter's answer)
+    resolution: int
+    accumulation: int = 1
+    max_grad_norm: Optional[float] = None
+    ema: Any = None
+    trains_text: bool = False  # the text encoders are among `modules`
+    phase: Callable[[str], Any] = field(default=no_phase, repr=False)
+
+    def __call__(self, batches: Iterator[dict], step_number: int):
+        """One optimizer step over `accumulation` micro-batches; `step_number` counts from 1."""
+        total = None
+        for micro in range(self.accumulation):
+            with self.phase("data"):
+                batch = next(batches)
+            with self._no_sync(micro < self.accumulation - 1):
+                with self.phase("forward"):
+                    loss = self.compute_loss(batch)
+                with self.phase("backward"):
+                    self.accelerator.backward(loss / self.accumulation)
+            loss = loss.detach()
+            total = loss if total is None else total + loss
+        with self.phase("optimizer"):
+            self.optimizer_step(step_number)
+        return total / self.accumulation
+
+    def compute_loss(self, batch: dict):
+        """The objective's loss on one micro-batch."""
+        moments, text = self._encode(batch)
+        family = self.family
+        latents = family.sample_latents(moments, self.noise_rng).to(self.accelerator.device)
+        noisy = self.objective.noise(latents, self.noise_rng)
+        dtype = self.compute_dtype
+        with self.accelerator.autocast():
+            if text is None:  # trained text encoders: their forward is part of the step's graph
+                text = family.encode_text(batch["caption"])
+            cond = family.conditioning({k: v.to(dtype) for k, v in text.items()}, batch, self.resolution)
+            pred = family.predict(self.modules[0], noisy.noisy.to(dtype), noisy.timesteps, cond)
+        return self.objective.loss(pred, noisy)
+
+    def _encode(self, batch: dict):
+        """Posterior moments and text embeddings: from the batch (cache) or the frozen encoders.
+        Text is None when the text encoders train (compute_loss runs them with gradients)."""
+        import torch
+
+        device = self.accelerator.device
+        if "moments" in batch:
+            moments = batch["moments"].to(device)
+        else:
+            with self.phase("encoders"), torch.no_grad():
+                moments = self.family.encode_images(batch["pixel_values"].to(device))
+        if "text" in batch:
+            return moments, {k: v.to(device) for k, v in batch["text"].items()}
+        if self.trains_text:
+            return moments, None
+        with self.phase("encoders"), torch.no_grad():
+            return moments, self.family.encode_text(batch["caption"])
+
+    def optimizer_step(self, step_number: int) -> None:
+        """After the last micro-batch's backward: clip, step, schedule, clear the gradients, EMA."""
+        acc = self.accelerator
+        if self.max_grad_norm:
+            acc.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.modules[0]), step_number)
+
+    def _no_sync(self, skip_sync: bool):
+        """Gradient accumulation: no all-reduce on micro-batches that do not step."""
+        stack = contextlib.ExitStack()
+        if skip_sync and self.accelerator.num_processes > 1:
+            for m in self.modules:
+                stack.enter_context(self.accelerator.no_sync(m))
+        return stack
