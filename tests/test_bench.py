@@ -6,7 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import write_recipe
-from sdkit.bench.run import PHASES, PLAIN_LABEL, run_bench
+from sdkit.bench.baseline import PLAIN_LABEL
+from sdkit.bench.run import run_bench
+from sdkit.training.step import PHASES
 from sdkit.errors import UserError
 
 
