@@ -148,7 +148,7 @@ def plan(
     gpu_memory: float = typer.Option(24.0, "--gpu-memory", help="GPU memory in GiB to check against."),
 ):
     """Estimate the peak GPU memory of a training step, without a GPU or the weights."""
-    from sdkit.plan.estimate import plan_command
+    from sdkit.plan.report import plan_command
 
     plan_command(str(recipe), overrides or [], gpu_memory=gpu_memory)
 
@@ -206,7 +206,8 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        typer.echo(f"error: {one_line(str(e))}", err=True)
+        for line in one_line(str(e)).splitlines():  # a recipe's problems: one line each
+            typer.echo(f"error: {line}", err=True)
         sys.exit(e.exit_code)
 
 

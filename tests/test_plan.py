@@ -122,38 +122,43 @@ def allocator_peak(fn) -> tuple[object, int]:
 
 
 @pytest.mark.parametrize(
-    "settings",
+    "sections",
     [
-        dict(method="full", precision="no"),
-        dict(method="full", precision="bf16", gradient_checkpointing=True, ema=True, gradient_accumulation=2),
-        dict(method="lora", lora_rank=8, precision="bf16"),
-        dict(method="lora", lora_rank=8, precision="bf16", gradient_checkpointing=True, optimizer="adamw8bit",
-             validation_batch=2),
-        dict(method="full", precision="no", encode_images=True),
+        dict(method={"type": "full"}),
+        dict(method={"type": "full"}, train={"mixed_precision": "bf16", "gradient_checkpointing": True, "ema": True,
+                                               "gradient_accumulation": 2}),
+        dict(method={"type": "lora", "rank": 8}, train={"mixed_precision": "bf16"}),
+        dict(method={"type": "lora", "rank": 8}, train={"mixed_precision": "bf16", "gradient_checkpointing": True},
+             optim={"name": "adamw8bit"}, validation={"prompts": ["a red square"]}),
+        dict(method={"type": "full"}, data={"cache": False}),
         # wider and at 16 px: weights, gradients, AdamW state and EMA are most of the bytes
-        dict(method="full", precision="no", ema=True, gradient_accumulation=2, batch_size=1, resolution=16,
-             widths=[128, 256]),
+        dict(method={"type": "full"}, train={"ema": True, "gradient_accumulation": 2, "batch_size": 1},
+             data={"resolution": 16}, widths=[128, 256]),
     ],
     ids=["full-fp32", "full-bf16-ckpt-ema-accum", "lora-bf16", "lora-ckpt-8bit-validation", "full-vae-encode",
          "weights-dominate"],
 )
-def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, settings):
-    """The same step on real CPU tensors: the fake estimate vs the bytes the allocator handed out."""
+def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, sections):
+    """The trainer's step on real CPU tensors: the fake estimate vs the bytes the allocator handed out."""
+    from dataclasses import replace
+
     from sdkit.plan.architectures import load_model_spec
-    from sdkit.plan.trace import StepSpec, trace_training_step
+    from sdkit.plan.trace import trace_training_step
 
     model = load_model_spec(str(tiny_sd))
-    settings = {"batch_size": 4, "resolution": 96, **settings}
-    config = dict(model.denoiser.config)
-    if "widths" in settings:
-        config["block_out_channels"] = settings.pop("widths")
-    spec = StepSpec(model.denoiser.class_name, config, vae_config=model.vae.config, **settings)
-    fake = trace_training_step(spec)
-    real, allocated = allocator_peak(lambda: trace_training_step(spec, fake=False))
+    sections = {"data": {"resolution": 96}, **sections}
+    widths = sections.pop("widths", None)
+    if widths:
+        model = replace(model, denoiser=replace(model.denoiser, config={**model.denoiser.config, "block_out_channels": widths}))
+    sections["train"] = {"batch_size": 4, **sections.get("train", {})}
+    recipe = make_recipe(tiny_sd, **sections)
+    fake = trace_training_step(recipe, model)
+    real, allocated = allocator_peak(lambda: trace_training_step(recipe, model, fake=False))
     # VAE weights are not tracked (sdkit.plan.estimate adds them); the allocator counts them.
-    vae_bytes = sum(p.numel() for p in _meta_vae(model.vae.config).parameters()) * (4 if settings["precision"] == "no" else 2)
+    vae_used = not recipe.cache_used or bool(recipe.validation.prompts)
+    vae_bytes = sum(p.numel() for p in _meta_vae(model.vae.config).parameters()) * (4 if recipe.train.mixed_precision == "no" else 2)
     assert allocated > 30 * 2**20  # activations dominate: the comparison means something
-    ratio = (fake.peak_bytes + vae_bytes * bool(spec.encode_images or spec.validation_batch)) / allocated
+    ratio = (fake.peak_bytes + vae_bytes * vae_used) / allocated
     print(f"fake {fake.peak_bytes} allocator {allocated} ratio {ratio:.4f}")
     assert abs(ratio - 1) < 0.05, (fake.phase_peaks, allocated)
     assert fake.peak_phase == real.peak_phase
@@ -170,7 +175,7 @@ def _meta_vae(config):
 def test_what_if_agrees_with_new_traces(tiny_sd):
     """Knob estimates taken from one trace equal traces of the changed recipe."""
     from sdkit.plan.estimate import estimate, model_spec
-    from sdkit.plan.trace import AdamW8bitStates
+    from sdkit.plan.tracker import AdamW8bitStates
 
     base = dict(method={"type": "full"}, data={"resolution": 256, "cache": False},
                 train={"batch_size": 4, "mixed_precision": "bf16"})
@@ -206,7 +211,7 @@ def test_what_if_without_t5_or_sample_images_agrees_with_new_traces(tiny_sd3):
 
 
 def test_knobs_are_estimated_and_the_suggestion_holds(tiny_sd, tmp_path):
-    from sdkit.plan.estimate import plan_command
+    from sdkit.plan.report import plan_command
 
     recipe = tmp_path / "big.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -233,7 +238,7 @@ def test_knobs_are_estimated_and_the_suggestion_holds(tiny_sd, tmp_path):
 
 
 def test_bad_gpu_memory_is_a_user_error():
-    from sdkit.plan.estimate import plan_command
+    from sdkit.plan.report import plan_command
 
     with pytest.raises(UserError, match="--gpu-memory"):
         plan_command("recipes/sd15-lora.yaml", [], gpu_memory=0)
@@ -307,7 +312,7 @@ def _missing_local(ref: str) -> bool:
 def _plan_recipe(path: Path, request) -> dict:
     """Plan a shipped recipe once per session; offline recipes get the tiny model of their family."""
     if path not in _plans:
-        from sdkit.plan.estimate import plan_command
+        from sdkit.plan.report import plan_command
 
         data = yaml.safe_load(path.read_text())
         overrides = []

@@ -72,6 +72,16 @@ class Family:
             problems.append(f"model.refiner: {cls.name} models take no refiner")
         return problems
 
+    @classmethod
+    def upcasts_vae(cls, precision: str, vae_config: Optional[dict]) -> bool:
+        """True when this family's VAE runs in fp32 while the rest runs in `precision`."""
+        return False
+
+    @classmethod
+    def optional_components(cls) -> dict[str, str]:
+        """Frozen components a recipe can leave out, with the override that does it."""
+        return {}
+
     # --- loading ------------------------------------------------------------
     @classmethod
     def load(cls, model_cfg, dtype: Optional["torch.dtype"] = None) -> "Family":

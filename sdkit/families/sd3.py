@@ -34,6 +34,10 @@ class StableDiffusion3(Family):
     text_tokens = CLIP_TOKENS + t5_max_length  # CLIP-L/G side by side, then T5 (or zeros)
 
     @classmethod
+    def optional_components(cls):
+        return {"text_encoder_3": "model.load_t5=false"}  # T5-XXL: ~9.5 GB in fp16
+
+    @classmethod
     def load_overrides(cls, model_cfg, dtype):
         if model_cfg.load_t5:
             return {}

@@ -33,6 +33,12 @@ class StableDiffusionXL(Family):
     refiner_capable = True
 
     @classmethod
+    def upcasts_vae(cls, precision, vae_config):
+        # The stock SDXL VAE overflows in fp16 (NaN latents): it encodes and decodes in fp32. A VAE
+        # fixed for fp16 (madebyollin/sdxl-vae-fp16-fix) says force_upcast: false.
+        return precision == "fp16" and bool(vae_config) and vae_config.get("force_upcast", True)
+
+    @classmethod
     def is_refiner_only(cls, model_index):
         # The refiner is an img2img model with only text_encoder_2 and aesthetic-score time ids.
         return (model_index.get("text_encoder") or [None])[0] is None
@@ -71,10 +77,8 @@ class StableDiffusionXL(Family):
         import torch
 
         vae = self.vae
-        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            # The stock SDXL VAE overflows in fp16 (NaN latents): encode in fp32, as the pipeline
-            # decodes. A VAE fixed for fp16 (madebyollin/sdxl-vae-fp16-fix) says force_upcast: false.
-            vae.to(torch.float32)
+        if self.upcasts_vae("fp16" if vae.dtype == torch.float16 else "", dict(vae.config)):
+            vae.to(torch.float32)  # encode as the pipeline decodes (see upcasts_vae)
             try:
                 return super().encode_images(pixels)
             finally:

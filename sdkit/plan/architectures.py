@@ -58,11 +58,10 @@ class ModelSpec:
     def family(self) -> str:
         from sdkit.families import DETECT  # torch-free
 
-        if self.pipeline_class in DETECT:
-            return DETECT[self.pipeline_class]
-        if self.denoiser.class_name == "SD3Transformer2DModel":
-            return "sd3"
-        return "sdxl" if self.denoiser.config.get("addition_embed_type") == "text_time" else "sd"
+        if self.pipeline_class not in DETECT:
+            raise UserError(f"model.pretrained: a {self.pipeline_class}, which sdkit does not support yet "
+                            f"(supported: {', '.join(sorted(set(DETECT)))})")
+        return DETECT[self.pipeline_class]
 
 
 def shipped_ids() -> list[str]:
