@@ -230,7 +230,8 @@ def test_cache_is_off_where_it_would_be_wrong(overrides, reason, tiny_sd, image_
 
 def test_each_rank_caches_its_own_shard(tiny_sd, image_folder, tmp_path):
     from sdkit.training.cache import LatentCache
-    from sdkit.training.data import TrainDataset, load_records
+    from sdkit.training.data import load_records
+    from sdkit.training.samples import TrainDataset
     from sdkit.families.sd import StableDiffusion
     from sdkit.recipe import DataConfig, ModelConfig
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdkit.training.data import EpochSampler, TrainDataset, collate, load_records
+from sdkit.training.data import load_records
+from sdkit.training.samples import EpochSampler, TrainDataset, collate
 from sdkit.errors import UserError
 from sdkit.recipe import DataConfig
 

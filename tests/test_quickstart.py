@@ -25,7 +25,8 @@ from sdkit.errors import UserError
 
 
 def test_digits_folder_is_a_captioned_training_set(tmp_path):
-    from sdkit.training.data import TrainDataset, load_records
+    from sdkit.training.data import load_records
+    from sdkit.training.samples import TrainDataset
     from sdkit.recipe import DataConfig
 
     folder = write_digits_folder(tmp_path / "digits", size=16)

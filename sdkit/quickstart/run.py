@@ -124,7 +124,7 @@ def digit_tensor(size: int = RESOLUTION):
     import torch
     from PIL import Image
 
-    from sdkit.training.data import to_tensor
+    from sdkit.training.samples import to_tensor
     from sdkit.quickstart.digits import load_digit_pixels
 
     pixels, labels = load_digit_pixels(size)

@@ -100,7 +100,8 @@ def build_data(recipe, family, family_name: str, dtype, accelerator, *, log: Cal
     `progress()` returns a rich progress bar (a context manager) for the cache build."""
     from torch.utils.data import DataLoader
 
-    from sdkit.training.data import EpochSampler, TrainDataset, collate, load_records
+    from sdkit.training.data import load_records
+    from sdkit.training.samples import EpochSampler, TrainDataset, collate
 
     acc = accelerator
     records = load_records(recipe.data, log=log, progress=acc.is_main_process)
