@@ -10,3 +10,9 @@ class UserError(Exception):
     """A problem with what the user passed in; the message names the field or file."""
 
     exit_code = 2
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
