@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, first_line
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 METRICS = ("clip", "digits")
@@ -70,8 +70,7 @@ class ClipScorer:
             clip = CLIPModel.from_pretrained(ref).eval()
             processor = CLIPProcessor.from_pretrained(ref)
         except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--clip-model: cannot load CLIP model '{ref}': {first}") from None
+            raise UserError(f"--clip-model: cannot load CLIP model '{ref}': {first_line(e)}") from None
         self.max_tokens = clip.config.text_config.max_position_embeddings
         self.tokenizer = processor.tokenizer
 
@@ -169,6 +168,12 @@ class ModelResult:
     def std(self) -> float:
         return statistics.stdev(self.prompt_scores) if len(self.prompt_scores) > 1 else 0.0
 
+    def score(self, scorer, prompts: list[str]) -> None:
+        for i, prompt in enumerate(prompts):
+            overall, per_image = scorer.score(self.images[i], prompt)
+            self.prompt_scores.append(overall)
+            self.image_scores.append(per_image)
+
 
 def eval_command(
     *,
@@ -189,9 +194,6 @@ def eval_command(
     dtype: Optional[str] = None,
 ) -> dict:
     """Generate, score, print the table, write report.json, scores.csv and grid.png; returns the report."""
-    from sdkit.families import detect_family
-    from sdkit.inference.loading import resolve_lora, resolve_model
-
     if metric not in METRICS:
         raise UserError(f"--metric: unknown metric '{metric}' (choose from: {', '.join(METRICS)})")
     prompt_list = read_prompts(prompts)
@@ -200,15 +202,9 @@ def eval_command(
 
         scorer = DigitScorer()
         truncated = scorer.check_prompts(prompt_list)
-    for ref in models:  # every model checked before any weights load
-        detect_family(resolve_model(ref, "--model").base, key="--model")
-    if lora:
-        resolve_lora(lora, "--lora")
+    _check_models(models, lora)
 
-    import torch
-
-    from sdkit.inference.generate import png_text, slugify
-    from sdkit.inference.sampling import load_pipeline, make_images, pick_device, release_memory
+    from sdkit.inference.sampling import pick_device, release_memory
 
     device_name = pick_device(device)
     if metric == "clip":
@@ -218,39 +214,13 @@ def eval_command(
     out = Path(out)
     results: list[ModelResult] = []
     for label, ref in zip(model_labels(models), models):
-        pipe, refiner_pipe, info = load_pipeline(ref, lora=lora, device=device_name, dtype=dtype)
-        w, h = width or info.width, height or info.height
-        for name, value in (("--width", w), ("--height", h)):
-            if value % info.size_multiple:
-                raise UserError(f"{name} must be a multiple of {info.size_multiple} for '{ref}', got {value}")
-        result = ModelResult(label=label, model=ref, info={**vars(info), "width": w, "height": h})
-        folder = out / "images" / slugify(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        with torch.inference_mode():
-            for i, prompt in enumerate(prompt_list):
-                images = make_images(
-                    pipe, prompt, steps=steps, guidance=guidance, seed=seed, num_images=images_per_prompt,
-                    width=w, height=h, batch_size=batch_size,
-                )
-                result.images[i] = images
-                result.files[i] = []
-                for k, image in enumerate(images):
-                    path = folder / f"{i:02d}-{seed + k}.png"
-                    text = png_text(info, prompt=prompt, negative_prompt=None, seed=seed + k, steps=steps,
-                                    guidance=guidance, width=w, height=h)
-                    _save_with_text(image, path, text)
-                    result.files[i].append(str(path))
-        results.append(result)
-        del pipe, refiner_pipe
-        release_memory()
-        print(f"generated {len(prompt_list) * images_per_prompt} images with {ref} in {folder}", flush=True)
+        results.append(_generate_with(ref, label, prompt_list, out=out, lora=lora, device=device_name, dtype=dtype,
+                                      width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+                                      images_per_prompt=images_per_prompt, batch_size=batch_size))
+        release_memory()  # that model's pipeline went with _generate_with's frame
 
     for result in results:
-        for i, prompt in enumerate(prompt_list):
-            overall, per_image = scorer.score(result.images[i], prompt)
-            result.prompt_scores.append(overall)
-            result.image_scores.append(per_image)
-
+        result.score(scorer, prompt_list)
     settings = dict(
         prompts_file=str(prompts), metric=scorer.name, clip_model=clip_model if metric == "clip" else None,
         images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance,
@@ -259,14 +229,51 @@ def eval_command(
     )
     report = build_report(prompt_list, truncated, results, settings, scorer.description)
     print_table(prompt_list, results, scorer.title)
-    written = [
-        write_json(out / "report.json", report),
-        write_csv(out / "scores.csv", prompt_list, results),
-        write_grid(out / "grid.png", prompt_list, results),
-    ]
-    for path in written:
+    for path in (write_json(out / "report.json", report), write_csv(out / "scores.csv", prompt_list, results),
+                 write_grid(out / "grid.png", prompt_list, results)):
         print(f"wrote {path}")
     return report
+
+
+def _check_models(models: list[str], lora: Optional[str]) -> None:
+    """Every model and the LoRA, checked before any weights load."""
+    from sdkit.families import detect_family
+    from sdkit.inference.loading import resolve_lora, resolve_model
+
+    for ref in models:
+        detect_family(resolve_model(ref, "--model").base, key="--model")
+    if lora:
+        resolve_lora(lora, "--lora")
+
+
+def _generate_with(ref: str, label: str, prompts: list[str], *, out: Path, lora, device, dtype, width, height,
+                   steps, guidance, seed, images_per_prompt, batch_size) -> ModelResult:
+    """Load `ref` and save its images for every prompt; every model gets the same seeds."""
+    import torch
+
+    from sdkit.inference.generate import png_text, slugify
+    from sdkit.inference.sampling import load_pipeline, make_images
+
+    pipe, _, info = load_pipeline(ref, lora=lora, device=device, dtype=dtype)
+    w, h = info.image_size(width, height, model=f"'{ref}'")
+    result = ModelResult(label=label, model=ref, info={**vars(info), "width": w, "height": h})
+    folder = out / "images" / slugify(label)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        for i, prompt in enumerate(prompts):
+            images = make_images(
+                pipe, prompt, steps=steps, guidance=guidance, seed=seed, num_images=images_per_prompt,
+                width=w, height=h, batch_size=batch_size,
+            )
+            result.images[i], result.files[i] = images, []
+            for k, image in enumerate(images):
+                path = folder / f"{i:02d}-{seed + k}.png"
+                text = png_text(info, prompt=prompt, negative_prompt=None, seed=seed + k, steps=steps,
+                                guidance=guidance, width=w, height=h)
+                _save_with_text(image, path, text)
+                result.files[i].append(str(path))
+    print(f"generated {len(prompts) * images_per_prompt} images with {ref} in {folder}", flush=True)
+    return result
 
 
 def model_labels(refs: list[str]) -> list[str]:
@@ -287,12 +294,9 @@ def _short(text: str, limit: int) -> str:
 
 
 def _save_with_text(image, path: Path, text: dict[str, str]) -> None:
-    from PIL.PngImagePlugin import PngInfo
+    from sdkit.inference.generate import png_info
 
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    image.save(path, format="PNG", pnginfo=info)
+    image.save(path, format="PNG", pnginfo=png_info(text))
 
 
 # ---------------------------------------------------------------------------- outputs

@@ -38,29 +38,21 @@ def generate_command(
     profile: bool = False,
 ) -> list[Path]:
     """Generate `num_images` images per prompt (seeds seed..seed+num_images-1); returns the files."""
-    from sdkit.inference.sampling import check_scheduler_name
+    from sdkit.inference.sampling import check_scheduler_name, load_pipeline, make_images
 
     check_scheduler_name(scheduler)  # before any weights load
     if refiner and batch_size > 1:
         raise UserError("--batch-size: with --refiner images are made one at a time; drop one of the two")
-    from sdkit.inference.sampling import load_pipeline, make_images
-
     started = time.perf_counter()
     pipe, refiner_pipe, info = load_pipeline(
         model, lora=lora, lora_scale=lora_scale, refiner=refiner, scheduler=scheduler, device=device, dtype=dtype,
     )
     load_seconds = time.perf_counter() - started
-    width, height = width or info.width, height or info.height
-    for name, value in (("--width", width), ("--height", height)):
-        if value % info.size_multiple:
-            raise UserError(f"{name} must be a multiple of {info.size_multiple} for this model, got {value}")
+    width, height = info.image_size(width, height)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timer = PhaseTimer(info.device) if profile else None
-    if timer:
-        timer.attach(pipe, refiner_pipe)
-        timer.reset_peak()
+    timer = PhaseTimer.attached(info, pipe, refiner_pipe) if profile else None
     import torch
 
     written: list[Path] = []
@@ -81,10 +73,7 @@ def generate_command(
                 written.append(path)
                 print(f"wrote {path}", flush=True)
     if timer:
-        timer.sync()
-        total = time.perf_counter() - started
-        timer.detach()
-        print(timer.report(total, load_seconds, len(written), info, steps, width, height))
+        print(timer.finish(started, load_seconds, len(written), info, steps, width, height))
     return written
 
 
@@ -96,13 +85,19 @@ def slugify(prompt: str, limit: int = 48) -> str:
     return slug[:limit].rstrip("-") or "image"
 
 
-def save_png(image, out: Path, prompt: str, seed: int, text: dict[str, str]) -> Path:
-    """`<slug>-<seed>.png`, or `<slug>-<seed>-2.png` ... when that name is taken: never overwrites."""
+def png_info(text: dict[str, str]):
+    """PNG text chunks: tEXt, or iTXt (UTF-8) when the text is not Latin-1."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in text.items():
-        info.add_text(key, value)  # tEXt, or iTXt (UTF-8) when the text is not Latin-1
+        info.add_text(key, value)
+    return info
+
+
+def save_png(image, out: Path, prompt: str, seed: int, text: dict[str, str]) -> Path:
+    """`<slug>-<seed>.png`, or `<slug>-<seed>-2.png` ... when that name is taken: never overwrites."""
+    info = png_info(text)
     stem = f"{slugify(prompt)}-{seed}"
     n = 1
     while True:
@@ -207,18 +202,27 @@ class PhaseTimer:
         self._loop_end: Optional[float] = None  # end of the previous denoiser call of this loop
         self._starts: dict[int, float] = {}
 
+    @classmethod
+    def attached(cls, info, pipe, refiner_pipe=None) -> "PhaseTimer":
+        """A timer on load_pipeline's pipelines (its PipelineInfo names their families), peak memory reset."""
+        from sdkit.families import family_class
+
+        timer = cls(info.device)
+        timer.attach(pipe, family_class(info.family))
+        if refiner_pipe is not None:
+            timer.attach(refiner_pipe, family_class(info.refiner_family))
+        timer.reset_peak()
+        return timer
+
     # -- wiring
-    def attach(self, *pipes) -> None:
-        for pipe in pipes:
-            if pipe is None:
-                continue
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-                module = getattr(pipe, name, None)
-                if module is not None:
-                    self._hook(module, "text encoding")
-            denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-            self._hook(denoiser, "denoising")
-            self._wrap_decode(pipe.vae)
+    def attach(self, pipe, family) -> None:
+        """Time `pipe`'s parts; `family` (a Family class) says which components they are."""
+        for name in family.all_text_encoder_attrs:
+            module = getattr(pipe, name, None)
+            if module is not None:  # SD3 without T5, an SDXL refiner without the first CLIP
+                self._hook(module, "text encoding")
+        self._hook(getattr(pipe, family.denoiser_attr), "denoising")
+        self._wrap_decode(pipe.vae)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -288,14 +292,18 @@ class PhaseTimer:
     def peak_memory(self) -> str:
         import torch
 
-        if self.device.startswith("cuda"):
-            return f"{_gib(torch.cuda.max_memory_allocated(self.device))} (CUDA max allocated while generating)"
-        import resource
-        import sys
+        from sdkit.units import format_bytes, peak_rss_bytes
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
-        return f"{_gib(rss)} (process peak RSS, loading included)"
+        if self.device.startswith("cuda"):
+            return f"{format_bytes(torch.cuda.max_memory_allocated(self.device))} (CUDA max allocated while generating)"
+        return f"{format_bytes(peak_rss_bytes())} (process peak RSS, loading included)"
+
+    def finish(self, started: float, load: float, n_images: int, info, steps: int, width: int, height: int) -> str:
+        """Wait for queued work, unhook, and report the time since `started` (perf_counter)."""
+        self.sync()
+        total = time.perf_counter() - started
+        self.detach()
+        return self.report(total, load, n_images, info, steps, width, height)
 
     def report(self, total: float, load: float, n_images: int, info, steps: int, width: int, height: int) -> str:
         n = max(n_images, 1)
@@ -311,7 +319,3 @@ class PhaseTimer:
         lines.append(f"  {'total':<14} {total:9.3f} s   {total / n:8.3f} s/image")
         lines.append(f"  {'peak memory':<14} {self.peak_memory()}")
         return "\n".join(lines)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"

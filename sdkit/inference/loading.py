@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, first_line
 from sdkit.recipe import check_local_ref
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RECIPE_FILE = "recipe.yaml"
+MODEL_INDEX = "model_index.json"
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,61 @@ def resolve_lora(ref: str, key: str = "--lora") -> str:
     return ref  # hub repo id holding a LoRA
 
 
-def read_model_index(base: str, revision: Optional[str] = None) -> dict:
-    """model_index.json of a local folder or (cache / hub) repo."""
-    local = Path(os.path.expanduser(base)) / "model_index.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    if os.path.isdir(os.path.expanduser(base)):
-        raise UserError(f"'{base}' is not a diffusers model folder (no model_index.json)")
+def local_lora_file(ref: str, key: str = "--lora") -> str:
+    """The LoRA file on this machine: `ref` itself, or a hub LoRA's file fetched to the cache."""
+    path = os.path.expanduser(ref)
+    if os.path.isfile(path):
+        return path
     try:
         from huggingface_hub import hf_hub_download
 
-        file = hf_hub_download(base, "model_index.json", revision=revision)
+        return hf_hub_download(ref, LORA_FILE)
+    except Exception as e:  # offline, missing repo or file
+        raise UserError(f"{key}: cannot fetch {LORA_FILE} from '{ref}': {type(e).__name__}: {first_line(e)}") from None
+
+
+def read_model_index(base: str, revision: Optional[str] = None) -> dict:
+    """model_index.json of a local folder or (cache / hub) repo."""
+    return read_model_json(base, MODEL_INDEX, revision)
+
+
+def read_model_json(base: str, name: str, revision: Optional[str] = None, key: Optional[str] = None) -> dict:
+    """A JSON file of a model (model_index.json, unet/config.json ...): from a local folder, or
+    from the hub through its cache. Problems are UserErrors, prefixed with `key` when given."""
+    where = f"{key}: " if key else ""
+    folder = Path(os.path.expanduser(base))
+    if (folder / name).is_file():
+        return json.loads((folder / name).read_text())
+    if folder.is_dir():
+        what = f"is not a diffusers model folder (no {MODEL_INDEX})" if name == MODEL_INDEX else f"has no {name}"
+        raise UserError(f"{where}'{base}' {what}")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        file = hf_hub_download(base, name, revision=revision)
     except Exception as e:  # offline, missing repo, gated repo...
-        raise UserError(f"cannot read model_index.json of '{base}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{where}cannot read {name} of '{base}': {type(e).__name__}: {first_line(e)}") from None
     return json.loads(Path(file).read_text())
+
+
+# ---------------------------------------------------------------------------- LoRA into a pipeline
+
+
+def load_lora(pipe, ref: str, *, adapter_name: Optional[str] = None, key: str = "--lora") -> None:
+    """Load a LoRA (a .safetensors file, a folder holding one, or a hub id) into `pipe`.
+
+    use_safetensors=True: never fall back to unpickling a .bin from a hub repo or folder.
+    """
+    kwargs = {"adapter_name": adapter_name} if adapter_name else {}
+    try:
+        pipe.load_lora_weights(ref, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{key}: cannot load '{ref}' into this model: {first_line(e)}") from None
+
+
+def fuse_lora(pipe, ref: str, scale: float = 1.0, *, key: str = "--lora") -> None:
+    """Merge a LoRA into `pipe`'s weights at `scale` and drop the adapter layers: the result
+    needs no peft and runs at the base model's speed."""
+    load_lora(pipe, ref, key=key)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from sdkit.errors import UserError
+from sdkit.units import GIB
 
-# --scheduler name -> (diffusers class, config overrides). DDPM-trained families (SD 1/2,
-# SDXL) take the first group, flow-matching ones (SD3) the second.
+# --scheduler name -> (diffusers class, config overrides), by the objective a family trains with
+# (its `objective`): DDPM-trained families take the first group, flow-matching ones the second.
 DDPM_SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
@@ -30,7 +31,7 @@ FLOW_SCHEDULERS = {
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
 SCHEDULERS = {**DDPM_SCHEDULERS, **FLOW_SCHEDULERS}
-FLOW_FAMILIES = {"sd3"}
+SCHEDULERS_BY_OBJECTIVE = {"ddpm": DDPM_SCHEDULERS, "flow": FLOW_SCHEDULERS}
 
 # Sampler names AUTOMATIC1111 / ComfyUI users read in the `parameters` text chunk.
 A1111_SAMPLER_NAMES = {
@@ -41,7 +42,7 @@ A1111_SAMPLER_NAMES = {
 
 # Room left on the GPU for activations and the VAE decode (SDXL at 1024 px peaks at a few
 # GiB in the decoder) when deciding whether base and refiner can both stay resident.
-ACTIVATION_RESERVE_BYTES = 4 * 1024**3
+ACTIVATION_RESERVE_BYTES = 4 * GIB
 
 DTYPE_NAMES = {
     "fp16": "float16", "float16": "float16", "half": "float16",
@@ -60,6 +61,7 @@ class PipelineInfo:
     loras: list[str] = field(default_factory=list)
     lora_scale: float = 1.0
     refiner: Optional[str] = None
+    refiner_family: Optional[str] = None
     scheduler: str = ""  # sdkit name (or diffusers class name when it has none)
     device: str = "cpu"
     dtype: str = "float32"
@@ -67,6 +69,14 @@ class PipelineInfo:
     height: int = 512
     size_multiple: int = 8  # width/height must be multiples of this
     placement: str = "cpu"  # "cuda", "model offload", "cpu", "mps"
+
+    def image_size(self, width: Optional[int], height: Optional[int], model: str = "this model") -> tuple[int, int]:
+        """The size to generate at: the native size unless asked for; each side a multiple the model takes."""
+        width, height = width or self.width, height or self.height
+        for name, value in (("--width", width), ("--height", height)):
+            if value % self.size_multiple:
+                raise UserError(f"{name} must be a multiple of {self.size_multiple} for {model}, got {value}")
+        return width, height
 
 
 # ---------------------------------------------------------------------------- choices
@@ -79,7 +89,9 @@ def check_scheduler_name(name: Optional[str], family: Optional[str] = None) -> N
     if family is None:
         valid = SCHEDULERS
     else:
-        valid = FLOW_SCHEDULERS if family in FLOW_FAMILIES else DDPM_SCHEDULERS
+        from sdkit.families import family_class
+
+        valid = SCHEDULERS_BY_OBJECTIVE[family_class(family).objective]
     if name not in valid:
         if name in SCHEDULERS:
             what = f"'{name}' does not work with {family} models"
@@ -115,10 +127,17 @@ def pick_dtype(device: str, forced: Optional[str] = None):
     if forced:
         if forced.lower() not in DTYPE_NAMES:
             raise UserError(f"--dtype: unknown dtype '{forced}' (fp16, bf16 or fp32)")
-        return getattr(torch, DTYPE_NAMES[forced.lower()])
+        return torch_dtype(forced)
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def torch_dtype(name: str):
+    """torch.float16 from 'fp16', 'half', 'float16' ... (any key of DTYPE_NAMES)."""
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name.lower()])
 
 
 # ---------------------------------------------------------------------------- loading
@@ -141,6 +160,53 @@ def load_pipeline(
     its base model plus its LoRA). `offload=None` decides by free GPU memory whether base
     and refiner both stay on the GPU or move there only while they run.
     """
+    refs = _check_refs(model_ref, lora, refiner, scheduler)
+    device_name = pick_device(device)
+    weights_dtype = pick_dtype(device_name, dtype)
+    quiet_loading()
+
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
+
+    from sdkit.families import family_class
+    from sdkit.inference.loading import load_lora
+
+    family_cls = family_class(refs.family)
+    extra = family_cls.pipeline_load_kwargs()
+    pipe = AutoPipelineForText2Image.from_pretrained(refs.base, **dtype_kwarg(weights_dtype), **extra)
+    for i, path in enumerate(refs.loras):
+        load_lora(pipe, path, adapter_name=f"lora{i}")
+    if refs.loras:
+        pipe.set_adapters([f"lora{i}" for i in range(len(refs.loras))], adapter_weights=[lora_scale] * len(refs.loras))
+    refiner_pipe = None
+    if refiner:
+        refiner_pipe = AutoPipelineForImage2Image.from_pretrained(refs.refiner_base, **dtype_kwarg(weights_dtype))
+    if scheduler:
+        for p in (pipe, refiner_pipe):
+            if p is not None:
+                p.scheduler = _make_scheduler(scheduler, p.scheduler.config)
+
+    placement = _place(pipe, refiner_pipe, device_name, offload)
+    width, height, multiple = native_size(pipe, family_cls.denoiser_attr)
+    info = PipelineInfo(
+        model=model_ref, base=refs.base, family=refs.family, loras=refs.loras, lora_scale=lora_scale,
+        refiner=refiner, refiner_family=refs.refiner_family, scheduler=scheduler or scheduler_name(pipe.scheduler),
+        device=device_name, dtype=str(weights_dtype).replace("torch.", ""), width=width, height=height,
+        size_multiple=multiple, placement=placement,
+    )
+    return pipe, refiner_pipe, info
+
+
+@dataclass
+class _Refs:
+    base: str
+    family: str
+    loras: list[str]
+    refiner_base: Optional[str] = None
+    refiner_family: Optional[str] = None
+
+
+def _check_refs(model_ref: str, lora: Optional[str], refiner: Optional[str], scheduler: Optional[str]) -> _Refs:
+    """Resolve and check what load_pipeline was given, before any weights load."""
     from sdkit.families import detect_family, family_class
     from sdkit.inference.loading import read_model_index, resolve_lora, resolve_model
 
@@ -151,47 +217,18 @@ def load_pipeline(
     check_scheduler_name(scheduler, family)
     if family_cls.is_refiner_only(read_model_index(resolved.base)):
         raise UserError(f"--model: '{model_ref}' is an SDXL refiner (image-to-image only); pass it as --refiner")
-    loras = [resolved.lora] if resolved.lora else []
+    refs = _Refs(resolved.base, family, [resolved.lora] if resolved.lora else [])
     if lora:
-        loras.append(resolve_lora(lora, "--lora"))
+        refs.loras.append(resolve_lora(lora, "--lora"))
     if refiner:
         resolved_refiner = resolve_model(refiner, "--refiner")
         if resolved_refiner.lora:
             raise UserError(f"--refiner: '{refiner}' is a LoRA run; a refiner must be a full SDXL refiner model")
-        refiner_family = family_class(detect_family(resolved_refiner.base, key="--refiner"))
-        if not (family_cls.refiner_capable and refiner_family.refiner_capable):
+        refs.refiner_base = resolved_refiner.base
+        refs.refiner_family = detect_family(resolved_refiner.base, key="--refiner")
+        if not (family_cls.refiner_capable and family_class(refs.refiner_family).refiner_capable):
             raise UserError("--refiner: a refiner works with SDXL base models and SDXL refiners only")
-
-    device_name = pick_device(device)
-    torch_dtype = pick_dtype(device_name, dtype)
-    quiet_loading()
-
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
-
-    extra = family_cls.pipeline_load_kwargs()
-    pipe = AutoPipelineForText2Image.from_pretrained(resolved.base, **dtype_kwarg(torch_dtype), **extra)
-    for i, path in enumerate(loras):
-        _load_lora(pipe, path, f"lora{i}")
-    if loras:
-        pipe.set_adapters([f"lora{i}" for i in range(len(loras))], adapter_weights=[lora_scale] * len(loras))
-    refiner_pipe = None
-    if refiner:
-        refiner_pipe = AutoPipelineForImage2Image.from_pretrained(resolved_refiner.base, **dtype_kwarg(torch_dtype))
-    if scheduler:
-        for p in (pipe, refiner_pipe):
-            if p is not None:
-                p.scheduler = _make_scheduler(scheduler, p.scheduler.config)
-
-    placement = _place(pipe, refiner_pipe, device_name, offload)
-    width, height, multiple = native_size(pipe)
-    info = PipelineInfo(
-        model=model_ref, base=resolved.base, family=family, loras=loras, lora_scale=lora_scale,
-        refiner=refiner, scheduler=scheduler or scheduler_name(pipe.scheduler), device=device_name,
-        dtype=str(torch_dtype).replace("torch.", ""), width=width, height=height, size_multiple=multiple,
-        placement=placement,
-    )
-    return pipe, refiner_pipe, info
-
+    return refs
 
 
 def quiet_loading() -> None:
@@ -212,15 +249,6 @@ def dtype_kwarg(torch_dtype) -> dict:
     return {name: torch_dtype}
 
 
-def _load_lora(pipe, path: str, adapter_name: str) -> None:
-    try:
-        # use_safetensors=True: never fall back to unpickling a .bin from a hub repo.
-        pipe.load_lora_weights(path, adapter_name=adapter_name, use_safetensors=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--lora: cannot load '{path}' into this model: {first}") from None
-
-
 def _make_scheduler(name: str, config):
     import diffusers
 
@@ -238,9 +266,10 @@ def scheduler_name(scheduler) -> str:
     return cls
 
 
-def native_size(pipe) -> tuple[int, int, int]:
-    """(width, height, multiple): the size the model was trained at, and the size step it needs."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer")
+def native_size(pipe, denoiser_attr: str) -> tuple[int, int, int]:
+    """(width, height, multiple): the size the model was trained at, and the size step it needs.
+    `denoiser_attr` is the family's (unet or transformer)."""
+    denoiser = getattr(pipe, denoiser_attr)
     sample = getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size
     if isinstance(sample, (tuple, list)):
         sample = sample[0]
