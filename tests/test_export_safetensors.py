@@ -201,7 +201,7 @@ def test_full_size_layouts_have_the_reference_key_names(kind):
     from sdkit.export.single_file import original_state_dict
 
     parts = _meta_pipeline_parts(kind)
-    ckpt = original_state_dict(parts)
+    ckpt = original_state_dict(parts, {"v1": "sd1", "xl_base": "sdxl"}[kind])
     assert infer_diffusers_model_type(ckpt) == kind
     assert set(convert_ldm_unet_checkpoint(ckpt, parts["unet"].config)) == set(parts["unet"].state_dict())
     assert set(convert_ldm_vae_checkpoint(ckpt, parts["vae"].config)) == set(parts["vae"].state_dict())

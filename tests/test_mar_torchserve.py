@@ -126,6 +126,21 @@ def test_tgz_and_no_archive_formats(tiny_sd, tmp_path):
     assert snapshot(config)["models"]["big"]["1.0"]["marName"] == "big"
 
 
+def test_zip_store_is_torch_model_archivers_stored_zip(tiny_sd, tmp_path):
+    from model_archiver.model_packaging_utils import archiving_options
+
+    from sdkit.export.mar import ARCHIVE_FORMATS
+    from sdkit.export.run import export_command
+
+    assert ARCHIVE_FORMATS == archiving_options  # each --archive-format and the file it writes, as the archiver has them
+    [archive, _] = export_command(format="mar", model=str(tiny_sd), out=str(tmp_path), name="stored",
+                                  archive_format="zip-store")
+    assert archive == tmp_path / "model-store" / "stored.mar"
+    with zipfile.ZipFile(archive) as z:
+        assert {info.compress_type for info in z.infolist()} == {zipfile.ZIP_STORED}
+        assert "pipeline/unet/diffusion_pytorch_model.safetensors" in z.namelist()
+
+
 def test_models_share_one_store(tiny_sd, tmp_path):
     export(tiny_sd, tmp_path, name="first")
     export(tiny_sd, tmp_path, name="second")
@@ -193,7 +208,7 @@ def test_lora_run_folder_brings_its_lora(tiny_sd, tmp_path):
         (dict(max_steps=0), "--max-steps: must be an integer of at least 1"),
         (dict(max_size=4), "--max-size: must be an integer of at least 8"),
         (dict(fuse_lora=True), "--fuse-lora: there is no LoRA to fuse"),
-        (dict(refiner="/nonexistent/refiner"), "--refiner: only SDXL base models take a refiner"),
+        (dict(refiner="/nonexistent/refiner"), "--refiner: only sdxl base models take a refiner"),
     ],
 )
 def test_bad_arguments(tiny_sd, tmp_path, kwargs, message):

@@ -28,13 +28,23 @@ _DOWN_UP_SUFFIXES = (
 )
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY (loaders/lora_base.py)
 
-KOHYA_PREFIXES = {
-    # layout -> component -> kohya prefix
-    "sd1": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
-    "sd2": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
-    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+
+@dataclass(frozen=True)
+class KohyaLayout:
+    """How kohya writes LoRAs for one original checkpoint layout (sdkit.export.single_file.LAYOUTS)."""
+
+    prefixes: Mapping[str, str]  # component -> kohya name prefix
+    base_model_version: str  # ss_base_model_version
+    v2: bool = False  # ss_v2: an SD 2.x model
+    sgm_unet_names: bool = False  # UNet modules under their original (SGM) names, not diffusers'
+
+
+KOHYA_LAYOUTS = {
+    "sd1": KohyaLayout({"unet": "lora_unet_", "text_encoder": "lora_te_"}, "sd_v1"),
+    "sd2": KohyaLayout({"unet": "lora_unet_", "text_encoder": "lora_te_"}, "sd_v2", v2=True),
+    "sdxl": KohyaLayout({"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+                        "sdxl_base_v1-0", sgm_unet_names=True),
 }
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 @dataclass
@@ -130,19 +140,20 @@ def module_alpha(module: LoraModule, config: Optional[AdapterConfig], default_al
 
 
 def kohya_name(module: LoraModule, layout: str, unet_config: Optional[Mapping] = None) -> str:
-    prefixes = KOHYA_PREFIXES.get(layout)
-    if prefixes is None:
-        raise UserError(f"--lora-format kohya: not supported for {layout} models (SD 1.x, 2.x and SDXL are)")
+    kohya = KOHYA_LAYOUTS.get(layout)
+    if kohya is None:
+        raise UserError(f"--lora-format kohya: not supported for {layout} models ({', '.join(KOHYA_LAYOUTS)} are)")
+    prefixes = kohya.prefixes
     if module.component not in prefixes:
         raise UserError(f"--lora-format kohya: a {layout} LoRA cannot hold '{module.component}' weights")
     path = module.path
-    if module.component == "unet" and layout == "sdxl":
+    if module.component == "unet" and kohya.sgm_unet_names:
         from sdkit.export.single_file import UNetLayout, UnmappedKeyError
 
         try:
             path = UNetLayout(unet_config).original_name(path)
         except UnmappedKeyError:
-            raise UserError(f"--lora-format kohya: no original SDXL name for UNet module '{path}'") from None
+            raise UserError(f"--lora-format kohya: no original {layout} name for UNet module '{path}'") from None
     elif module.component.startswith("text_encoder"):
         # transformers 5 drops `text_model.` from CLIPTextModel names; kohya names keep it.
         if not path.startswith(("text_model.", "text_projection")):
@@ -194,45 +205,50 @@ def training_metadata(
     if recipe is not None:
         dim = dim or recipe.method.rank
         if alpha is None:
-            alpha = recipe.method.alpha if recipe.method.alpha is not None else recipe.method.rank
+            alpha = recipe.lora_alpha
     if alpha is None and modules_alphas:
         alpha = next(iter(modules_alphas.values()))
+    kohya = KOHYA_LAYOUTS[layout]
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim) if dim is not None else "",
         "ss_network_alpha": str(float(alpha)) if alpha is not None else "",
-        "ss_base_model_version": BASE_MODEL_VERSIONS[layout],
-        "ss_v2": str(layout == "sd2"),
+        "ss_base_model_version": kohya.base_model_version,
+        "ss_v2": str(kohya.v2),
         "ss_v_parameterization": str(prediction_type == "v_prediction"),
         "ss_sd_model_name": base_model,
         "ss_output_name": output_name,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_training_comment": "exported by sdkit from a diffusers/peft LoRA",
     }
-    has_te = any(k.startswith("lora_te") for k in modules_alphas)
     if recipe is not None:
-        train, optim, data = recipe.train, recipe.optim, recipe.data
-        meta.update({
-            "ss_learning_rate": str(optim.lr),
-            "ss_unet_lr": str(optim.lr),
-            "ss_text_encoder_lr": str(optim.lr) if has_te else "0",
-            "ss_lr_scheduler": optim.lr_scheduler,
-            "ss_lr_warmup_steps": str(optim.warmup_steps),
-            "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}[optim.name],
-            "ss_max_train_steps": str(train.max_steps) if train.max_steps else "",
-            "ss_steps": str(train.max_steps) if train.max_steps else "",
-            "ss_num_epochs": str(train.epochs) if train.epochs else "",
-            "ss_batch_size_per_device": str(train.batch_size),
-            "ss_gradient_accumulation_steps": str(train.gradient_accumulation),
-            "ss_gradient_checkpointing": str(train.gradient_checkpointing),
-            "ss_mixed_precision": train.mixed_precision,
-            "ss_seed": str(train.seed),
-            "ss_noise_offset": str(train.noise_offset) if train.noise_offset else "",
-            "ss_min_snr_gamma": str(train.snr_gamma) if train.snr_gamma else "",
-            "ss_network_dropout": str(recipe.method.dropout),
-            "ss_cache_latents": str(data.cache),
-            "ss_dataset_dirs": json.dumps({data.dataset: {"n_repeats": 1}}),
-            "ss_caption_dropout_rate": str(data.caption_dropout),
-            "ss_flip_aug": str(data.random_flip),
-        })
+        meta.update(_recipe_metadata(recipe, text_encoders=any(k.startswith("lora_te") for k in modules_alphas)))
     return {k: v for k, v in meta.items() if v != ""}
+
+
+def _recipe_metadata(recipe, *, text_encoders: bool) -> dict[str, str]:
+    """The `ss_*` keys that describe how the run trained."""
+    train, optim, data = recipe.train, recipe.optim, recipe.data
+    return {
+        "ss_learning_rate": str(optim.lr),
+        "ss_unet_lr": str(optim.lr),
+        "ss_text_encoder_lr": str(optim.lr) if text_encoders else "0",
+        "ss_lr_scheduler": optim.lr_scheduler,
+        "ss_lr_warmup_steps": str(optim.warmup_steps),
+        "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}[optim.name],
+        "ss_max_train_steps": str(train.max_steps) if train.max_steps else "",
+        "ss_steps": str(train.max_steps) if train.max_steps else "",
+        "ss_num_epochs": str(train.epochs) if train.epochs else "",
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation),
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_seed": str(train.seed),
+        "ss_noise_offset": str(train.noise_offset) if train.noise_offset else "",
+        "ss_min_snr_gamma": str(train.snr_gamma) if train.snr_gamma else "",
+        "ss_network_dropout": str(recipe.method.dropout),
+        "ss_cache_latents": str(data.cache),
+        "ss_dataset_dirs": json.dumps({data.dataset: {"n_repeats": 1}}),
+        "ss_caption_dropout_rate": str(data.caption_dropout),
+        "ss_flip_aug": str(data.random_flip),
+    }

@@ -23,14 +23,17 @@ from typing import Optional
 
 from sdkit.atomic import atomic_dir, atomic_write_path
 from sdkit.errors import UserError
-from sdkit.inference.loading import LORA_FILE, ResolvedModel, read_model_index, resolve_lora
+from sdkit.export.run import check_name, default_name
+from sdkit.inference.loading import LORA_FILE, ResolvedModel, local_lora_file, read_model_index, resolve_lora
 
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")
 HANDLER_NAME = "sdkit_handler.py"  # a distinctive module name: TorchServe imports it by name
 SERVE_CONFIG = "sdkit_serve.json"  # must match handler.SERVE_CONFIG
 MODEL_CONFIG = "model-config.yaml"
+# torch-model-archiver's --archive-format choices and what each writes (its `archiving_options`):
+# a deflated zip, a zip that stores files as they are (fast for weights, which hardly compress),
+# a .tar.gz, or the unpacked folder.
 ARCHIVE_FORMATS = {"default": ".mar", "zip-store": ".mar", "tgz": ".tar.gz", "no-archive": ""}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")  # torch-model-archiver's rule
 WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".pb", ".safetensors")
 
 # Timeouts in seconds: loading SDXL from a network volume and a 50-step 1024 px batch take minutes.
@@ -66,30 +69,12 @@ def export_mar(
     lora_scale: float = 1.0,
 ) -> list[Path]:
     """Write OUT/model-store/NAME.mar (or NAME/, NAME.tar.gz) and OUT/config/config.properties."""
-    if archive_format not in ARCHIVE_FORMATS:
-        raise UserError(f"--archive-format: '{archive_format}' is not one of {', '.join(ARCHIVE_FORMATS)}")
-    for flag, value, low in (("--max-steps", max_steps, 1), ("--max-size", max_size, 8), ("--max-batch", max_batch, 1)):
-        if not isinstance(value, int) or value < low:
-            raise UserError(f"{flag}: must be an integer of at least {low}, got {value}")
-    name = name or default_name(model)
-    if not NAME_PATTERN.match(name):
-        raise UserError(f"--name: '{name}' may hold only letters, digits, '_', '-' and '.', and start with a letter or digit")
-
-    lora_file = _lora_file(lora, model)
-    if fuse_lora and lora_file is None:
-        raise UserError("--fuse-lora: there is no LoRA to fuse (pass --lora or a LoRA training run as --model)")
-    index = read_model_index(model.base)
-    if refiner is not None:
-        if "XL" not in str(index.get("_class_name", "")):
-            raise UserError(f"--refiner: only SDXL base models take a refiner; '{model.base}' is {index.get('_class_name')}")
-        read_model_index(refiner)  # fails early, naming the folder, when it is not a pipeline
-
+    name, lora_file = _check_arguments(model, lora=lora, refiner=refiner, name=name, archive_format=archive_format,
+                                       fuse_lora=fuse_lora, limits=(max_steps, max_size, max_batch))
     out = Path(os.path.expanduser(str(out)))
-    store, config_dir = out / "model-store", out / "config"
+    store, config_path = out / "model-store", out / "config" / "config.properties"
     archive = store / f"{name}{ARCHIVE_FORMATS[archive_format]}"
-    config_path = config_dir / "config.properties"
-    others = [store / f"{name}{ext}" for ext in set(ARCHIVE_FORMATS.values())]
-    existing = [p for p in others if p.exists()]
+    existing = [p for p in (store / f"{name}{ext}" for ext in set(ARCHIVE_FORMATS.values())) if p.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it")
     manifest = _manifest(name)  # also fails early when torch-model-archiver is missing
@@ -106,7 +91,8 @@ def export_mar(
     }
 
     def fill(stage: Path, *, link: bool) -> None:
-        stage_pipeline(model.base, stage / "pipeline", link=link, lora_file=lora_file if fuse_lora else None, lora_scale=lora_scale)
+        stage_pipeline(model.base, stage / "pipeline", link=link, lora_file=lora_file if fuse_lora else None,
+                       lora_scale=lora_scale)
         if refiner:
             stage_pipeline(refiner, stage / "refiner", link=link)
         if serve_config["lora"]:
@@ -116,51 +102,70 @@ def export_mar(
         (stage / SERVE_CONFIG).write_text(json.dumps(serve_config, indent=2) + "\n")
         (stage / MODEL_CONFIG).write_text(model_config_yaml())
 
+    _write_store(archive, name, archive_format, manifest, fill)
+    for stale in existing:  # --force: a previous export of this name in another format goes too
+        if stale != archive:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    with atomic_write_path(config_path) as target:
+        target.write_text(config_properties(name, archive.name, max_size=max_size, max_batch=max_batch,
+                                            previous=config_path))
+    return [archive, config_path]
+
+
+def _write_store(archive: Path, name: str, archive_format: str, manifest: str, fill) -> None:
+    """`fill(stage, link=...)` stages the archive's files; the archive appears at `archive` complete or not at all."""
     if archive_format == "no-archive":
         # Copies, never hard links: the folder outlives this call and must not change with the source.
         with atomic_dir(archive, overwrite=True) as stage:
             fill(stage, link=False)
             _write_archive(stage, stage.name, stage.parent, manifest, archive_format)
-    else:
-        with tempfile.TemporaryDirectory(prefix=f".{name}.staging-", dir=out) as tmp:
-            stage = Path(tmp) / "content"
-            stage.mkdir()
-            fill(stage, link=True)  # hard links are fine here: the staging folder is deleted after zipping
-            _write_archive(stage, name, Path(tmp), manifest, archive_format)
-            with atomic_write_path(archive) as target:
-                os.replace(Path(tmp) / archive.name, target)
-
-    for stale in existing:  # --force: a previous export of this name in another format goes too
-        if stale != archive:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    marname = archive.name
-    with atomic_write_path(config_path) as target:
-        target.write_text(config_properties(name, marname, max_size=max_size, max_batch=max_batch, previous=config_path))
-    return [archive, config_path]
+        return
+    with tempfile.TemporaryDirectory(prefix=f".{name}.staging-", dir=archive.parent.parent) as tmp:
+        stage = Path(tmp) / "content"
+        stage.mkdir()
+        fill(stage, link=True)  # hard links are fine here: the staging folder is deleted after zipping
+        _write_archive(stage, name, Path(tmp), manifest, archive_format)
+        with atomic_write_path(archive) as target:
+            os.replace(Path(tmp) / archive.name, target)
 
 
 # ------------------------------------------------------------------------ naming, inputs
 
 
-def default_name(model: ResolvedModel) -> str:
-    """The run or model folder's name (or the hub id's last part), made archiver-safe."""
-    source = model.run_dir or model.base
-    base = Path(source.rstrip("/\\")).name if os.path.isdir(os.path.expanduser(source)) else source.split("/")[-1]
-    cleaned = re.sub(r"[^A-Za-z0-9_\-.]+", "-", base).strip("-._") or "model"
-    return cleaned if cleaned[0].isalnum() else f"m{cleaned}"
+def _check_arguments(model: ResolvedModel, *, lora, refiner, name, archive_format, fuse_lora,
+                     limits: tuple[int, int, int]) -> tuple[str, Optional[str]]:
+    """(the archive's name, the local LoRA file or None); every problem a UserError before any weights load."""
+    if archive_format not in ARCHIVE_FORMATS:
+        raise UserError(f"--archive-format: '{archive_format}' is not one of {', '.join(ARCHIVE_FORMATS)}")
+    for flag, value, low in zip(("--max-steps", "--max-size", "--max-batch"), limits, (1, 8, 1)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"{flag}: must be an integer of at least {low}, got {value}")
+    name = check_name(name or default_name(model))
+    lora_file = _lora_file(lora, model)
+    if fuse_lora and lora_file is None:
+        raise UserError("--fuse-lora: there is no LoRA to fuse (pass --lora or a LoRA training run as --model)")
+    read_model_index(model.base)  # fails early, naming the folder, when it is not a pipeline
+    if refiner is not None:
+        from sdkit.families import detect_family, family_class
+
+        family = family_class(detect_family(model.base, key="--model"))
+        if not family.refiner_capable:
+            raise UserError(f"--refiner: only {_refiner_families()} base models take a refiner; "
+                            f"'{model.base}' is a {family.name} model")
+        read_model_index(refiner)  # fails early, naming the folder, when it is not a pipeline
+    return name, lora_file
+
+
+def _refiner_families() -> str:
+    from sdkit.families import family_class, family_names
+
+    return ", ".join(n for n in family_names() if family_class(n).refiner_capable)
 
 
 def _lora_file(lora: Optional[str], model: ResolvedModel) -> Optional[str]:
     """A local LoRA file: --lora wins over a LoRA run's own; hub LoRAs are fetched to the cache."""
     ref = resolve_lora(lora) if lora else model.lora
-    if ref is None or os.path.isfile(ref):
-        return ref
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return hf_hub_download(ref, LORA_FILE)
-    except Exception as e:  # offline, missing repo or file
-        raise UserError(f"--lora: cannot fetch {LORA_FILE} from '{ref}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return None if ref is None else local_lora_file(ref)
 
 
 # ------------------------------------------------------------------------ staging the files
@@ -208,8 +213,8 @@ def _plain_safetensors_files(folder: Path) -> Optional[list[Path]]:
                 continue
             else:
                 files.append(rel)  # configs, tokenizer files, sharding index
-        if not weights and component in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            return None  # only variant weights: let diffusers pick them
+        if not weights and (sub / "config.json").is_file():
+            return None  # a model (it has a config.json) with only variant weights: let diffusers pick them
         files.extend(weights)
     return files
 
@@ -222,20 +227,10 @@ def _is_variant(filename: str) -> bool:
 
 
 def _resave_pipeline(source: str, dest: Path, *, lora_file: Optional[str], lora_scale: float) -> None:
-    import torch
-    from diffusers import DiffusionPipeline
+    from sdkit.export.safetensors import load_pipeline
 
-    from sdkit.inference.sampling import dtype_kwarg
-
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwarg(torch.float32))
-    except Exception as e:
-        raise UserError(f"cannot load the pipeline '{source}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if lora_file is not None:
-        # Fused into the weights: the served model needs no peft and runs at the base's speed.
-        pipe.load_lora_weights(os.path.dirname(lora_file), weight_name=os.path.basename(lora_file))
-        pipe.fuse_lora(lora_scale=lora_scale)
-        pipe.unload_lora_weights()
+    # A LoRA is fused into the weights: the served model needs no peft and runs at the base's speed.
+    pipe = load_pipeline(source, dtype="fp32", lora=lora_file, lora_scale=lora_scale)
     pipe.save_pretrained(dest, safe_serialization=True)
 
 

@@ -2,7 +2,7 @@
 
 Every argument problem is a UserError raised before any weights load. Writers live in
 sdkit.export.safetensors (diffusers folders, single files, LoRA files) and sdkit.export.mar
-(TorchServe archives).
+(TorchServe archives); both name their output with `default_name` and check `--name` here.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from sdkit.errors import UserError
 FORMATS = ("mar", "safetensors")
 DTYPES = ("fp16", "bf16", "fp32")
 LORA_FORMATS = ("peft", "kohya")
-ARCHIVE_FORMATS = ("default", "no-archive", "tgz")
 SAFETENSORS_SUFFIX = ".safetensors"
+# An export's name is a file name and a TorchServe model name: torch-model-archiver's rule.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
@@ -27,11 +28,19 @@ def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
     return value
 
 
-def default_name(model: str, resolved) -> str:
-    """A file-name-safe name: the run or model folder's name, or the hub id's last part."""
-    source = resolved.run_dir or (resolved.base if resolved.is_local else model)
-    stem = Path(str(source).rstrip("/\\")).name or "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise UserError(f"--name: '{name}' may hold only letters, digits, '_', '-' and '.', "
+                        "and start with a letter or digit (it becomes a file name)")
+    return name
+
+
+def default_name(resolved) -> str:
+    """The name of an export without --name: the run or model folder's name, or the hub id's
+    last part, made to pass check_name."""
+    source = resolved.run_dir or resolved.base
+    stem = Path(str(source).rstrip("/\\")).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "model"
 
 
 def refuse_existing(path: Path, force: bool) -> bool:
@@ -77,14 +86,15 @@ def export_command(
     max_batch: int = 4,
 ) -> list[Path]:
     """Export `model` (+ LoRA) in `format`; returns the paths written."""
+    from sdkit.export.mar import ARCHIVE_FORMATS
     from sdkit.inference.loading import resolve_lora, resolve_model
 
     _choice(format, FORMATS, "--format")
     _choice(dtype, DTYPES, "--dtype")
     _choice(lora_format, LORA_FORMATS, "--lora-format")
-    _choice(archive_format, ARCHIVE_FORMATS, "--archive-format")
-    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise UserError(f"--name: '{name}' must be letters, digits, '.', '_' or '-' (it becomes a file name)")
+    _choice(archive_format, tuple(ARCHIVE_FORMATS), "--archive-format")
+    if name is not None:
+        check_name(name)
     if lora_scale <= 0:
         raise UserError(f"--lora-scale: must be positive, got {lora_scale}")
 
@@ -97,14 +107,19 @@ def export_command(
     if format == "mar":
         return _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fuse_lora, lora_scale,
                            check, max_steps, max_size, max_batch, force, single_file, lora_format)
-
-    # ---- safetensors
     if refiner:
         raise UserError("--refiner: only used with --format mar")
     if check:
         raise UserError("--check: only used with --format mar")
     if archive_format != "default":
         raise UserError("--archive-format: only used with --format mar")
+    return _export_safetensors(resolved, lora_ref, out_path, name=name, dtype=dtype, single_file=single_file,
+                               lora_format=lora_format, fuse_lora=fuse_lora, lora_scale=lora_scale, force=force)
+
+
+def _export_safetensors(resolved, lora_ref: Optional[str], out_path: Path, *, name: Optional[str], dtype: str,
+                        single_file: bool, lora_format: str, fuse_lora: bool, lora_scale: float,
+                        force: bool) -> list[Path]:
     if fuse_lora and not lora_ref:
         raise UserError("--fuse-lora: no LoRA to fuse (pass --lora, or a LoRA run folder as --model)")
     if lora_format == "kohya" and not lora_ref:
@@ -119,16 +134,14 @@ def export_command(
 
     from sdkit.export import safetensors as writer
 
-    stem = name or default_name(model, resolved)
+    stem = name or default_name(resolved)
+    fused = lora_ref if fuse_lora else None
     if single_file:
-        info = writer.model_info(resolved.base)  # configs only: fails fast for SD3
-        if info.layout is None:
-            raise UserError(f"--single-file: {info.family} models have no original single-file layout "
-                            "(A1111/ComfyUI checkpoints exist for SD 1.x, 2.x and SDXL); drop --single-file")
+        writer.single_file_info(resolved.base)  # configs only: fails fast for a family without the layout
         target = _file_target(out_path, stem + SAFETENSORS_SUFFIX)
         replace = refuse_existing(target, force)
-        return writer.export_single_file(resolved.base, target, dtype=dtype, lora=lora_ref if fuse_lora else None,
-                                         lora_scale=lora_scale, force=replace, title=name or target.stem)
+        return writer.export_single_file(resolved.base, target, dtype=dtype, lora=fused, lora_scale=lora_scale,
+                                         force=replace, title=name or target.stem)
     if lora_ref and not fuse_lora:
         from sdkit.inference.loading import LORA_FILE
 
@@ -144,8 +157,8 @@ def export_command(
         raise UserError(f"--out: a diffusers export is a folder, not '{out_path.name}' (or add --single-file)")
     replace = refuse_existing(out_path, force)
     card = Path(resolved.run_dir) / writer.MODEL_CARD if resolved.run_dir else None
-    return writer.export_diffusers(resolved.base, out_path, dtype=dtype, lora=lora_ref if fuse_lora else None,
-                                   lora_scale=lora_scale, force=replace, model_card=card)
+    return writer.export_diffusers(resolved.base, out_path, dtype=dtype, lora=fused, lora_scale=lora_scale,
+                                   force=replace, model_card=card)
 
 
 def _run_recipe(run_dir: Optional[str]):

@@ -7,15 +7,13 @@ Every output is written under a temporary name beside the target and renamed whe
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from sdkit.atomic import atomic_dir, atomic_write_path
-from sdkit.errors import UserError
+from sdkit.errors import UserError, first_line
 
 MODEL_CARD = "README.md"
 
@@ -33,12 +31,6 @@ _ARCHITECTURES = {
 _SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 # ----------------------------------------------------------------------------- what the model is
 
 
@@ -46,43 +38,41 @@ def torch_dtype(name: str):
 class ModelInfo:
     """What an export needs to know about a base model, read from its config files only."""
 
-    family: str  # sd, sdxl, sd3
-    layout: Optional[str]  # sd1, sd2, sdxl, sdxl_refiner; None: no original single-file layout
-    prediction_type: str  # epsilon, v_prediction, flow_matching
-    resolution: int  # native image size in pixels
-    unet_config: Optional[dict]
-
-
-def read_component_config(base: str, component: str, filename: str = "config.json") -> dict:
-    local = Path(os.path.expanduser(base)) / component / filename
-    if local.is_file():
-        return json.loads(local.read_text())
-    if os.path.isdir(os.path.expanduser(base)):
-        raise UserError(f"--model: '{base}' has no {component}/{filename}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(base, f"{component}/{filename}")).read_text())
-    except Exception as e:  # offline, missing or gated repo
-        raise UserError(f"--model: cannot read {component}/{filename} of '{base}': {type(e).__name__}") from None
+    family: str
+    layout: Optional[str]  # sdkit.export.single_file.LAYOUTS; None: no original single-file layout
+    # Read only for a model with a layout (None otherwise):
+    prediction_type: Optional[str]  # epsilon, v_prediction
+    resolution: Optional[int]  # native image size in pixels
+    unet_config: Optional[dict]  # every original layout's denoiser is a UNet
 
 
 def model_info(base: str) -> ModelInfo:
     from sdkit.families import detect_family, family_class
-    from sdkit.inference.loading import read_model_index
+    from sdkit.inference.loading import read_model_index, read_model_json
+
+    def config(component: str, filename: str = "config.json") -> dict:
+        return read_model_json(base, f"{component}/{filename}", key="--model")
 
     family = detect_family(base, key="--model")
     family_cls = family_class(family)
-    if family_cls.objective == "flow":  # SD3: no UNet, no original single-file layout
-        return ModelInfo(family, None, "flow_matching", 1024, None)
-    index = read_model_index(base)
-    unet = read_component_config(base, "unet")
-    vae = read_component_config(base, "vae")
-    scheduler = read_component_config(base, "scheduler", "scheduler_config.json")
-    layout = family_cls.single_file_layout(index, lambda component: read_component_config(base, component))
+    layout = family_cls.single_file_layout(read_model_index(base), config)
+    if layout is None:  # the family has no original (A1111/ComfyUI) checkpoint layout
+        return ModelInfo(family, None, None, None, None)
+    unet = config(family_cls.denoiser_attr)
+    vae = config("vae")
+    scheduler = config("scheduler", "scheduler_config.json")
     vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     resolution = int(unet.get("sample_size") or 64) * vae_factor
     return ModelInfo(family, layout, scheduler.get("prediction_type", "epsilon"), resolution, unet)
+
+
+def single_file_info(base: str) -> ModelInfo:
+    """model_info of a model that has an original single-file layout; a UserError otherwise."""
+    info = model_info(base)
+    if info.layout is None:
+        raise UserError(f"--single-file: {info.family} models have no original single-file layout "
+                        "(the checkpoints A1111 and ComfyUI load); export a diffusers folder (drop --single-file)")
+    return info
 
 
 def modelspec_metadata(info: ModelInfo, *, title: str, lora: bool, resolution: Optional[int] = None,
@@ -91,8 +81,11 @@ def modelspec_metadata(info: ModelInfo, *, title: str, lora: bool, resolution: O
     arch = _ARCHITECTURES.get((info.layout, info.prediction_type))
     if arch is None:
         return {}
-    # As kohya writes them: SD 1.x/2.x LoRAs use diffusers module names, everything else SGM's.
-    implementation = "diffusers" if lora and info.layout in ("sd1", "sd2") else _SGM_IMPLEMENTATION
+    from sdkit.export.kohya import KOHYA_LAYOUTS
+
+    # As kohya writes them: LoRAs with diffusers UNet module names say so, everything else is SGM's.
+    kohya = KOHYA_LAYOUTS.get(info.layout)
+    implementation = "diffusers" if lora and kohya and not kohya.sgm_unet_names else _SGM_IMPLEMENTATION
     size = resolution or info.resolution
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
@@ -111,35 +104,28 @@ def modelspec_metadata(info: ModelInfo, *, title: str, lora: bool, resolution: O
 # ----------------------------------------------------------------------------- full models
 
 
-def _load_pipeline(base: str, *, dtype: str, lora: Optional[str], lora_scale: float):
-    """The pipeline, with the LoRA fused in at fp32 before casting (less rounding than fusing in fp16)."""
+def load_pipeline(base: str, *, dtype: str, lora: Optional[str] = None, lora_scale: float = 1.0):
+    """The pipeline at `dtype` (fp16, bf16, fp32), with a LoRA fused in at fp32 before casting
+    (less rounding than fusing in fp16)."""
     from diffusers import DiffusionPipeline
 
-    from sdkit.inference.sampling import dtype_kwarg
+    from sdkit.inference.loading import fuse_lora
+    from sdkit.inference.sampling import dtype_kwarg, torch_dtype
 
-    load_dtype = torch_dtype("fp32" if lora else dtype)
-    pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwarg(load_dtype))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwarg(torch_dtype("fp32" if lora else dtype)))
+    except Exception as e:  # missing or broken files, pickled weights diffusers refuses, ...
+        raise UserError(f"cannot load the pipeline '{base}': {type(e).__name__}: {first_line(e)}") from None
     if lora:
-        load_lora_into(pipe, lora)
-        pipe.fuse_lora(lora_scale=lora_scale)
-        pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+        fuse_lora(pipe, lora, lora_scale)
         pipe.to(torch_dtype(dtype))
     return pipe
-
-
-def load_lora_into(pipe, lora: str, adapter_name: Optional[str] = None) -> None:
-    path = Path(lora)
-    kwargs = {"adapter_name": adapter_name} if adapter_name else {}
-    if path.is_file():
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, **kwargs)
-    else:
-        pipe.load_lora_weights(lora, **kwargs)
 
 
 def export_diffusers(base: str, out: Path, *, dtype: str = "fp16", lora: Optional[str] = None,
                      lora_scale: float = 1.0, force: bool = False, model_card: Optional[Path] = None) -> list[Path]:
     """A diffusers folder with safetensors weights at `dtype`, optionally with a LoRA fused in."""
-    pipe = _load_pipeline(base, dtype=dtype, lora=lora, lora_scale=lora_scale)
+    pipe = load_pipeline(base, dtype=dtype, lora=lora, lora_scale=lora_scale)
     with atomic_dir(out, overwrite=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if model_card is not None and Path(model_card).is_file():
@@ -154,12 +140,10 @@ def export_single_file(base: str, out_file: Path, *, dtype: str = "fp16", lora: 
     from safetensors.torch import save_file
 
     from sdkit.export.single_file import original_state_dict
+    from sdkit.inference.sampling import torch_dtype
 
-    info = model_info(base)
-    if info.layout is None:
-        raise UserError(f"--single-file: {info.family} models have no original single-file layout; "
-                        "export a diffusers folder (drop --single-file)")
-    pipe = _load_pipeline(base, dtype=dtype, lora=lora, lora_scale=lora_scale)
+    info = single_file_info(base)
+    pipe = load_pipeline(base, dtype=dtype, lora=lora, lora_scale=lora_scale)
     state_dict = original_state_dict(pipe.components, info.layout)
     target = torch_dtype(dtype)
     state_dict = {k: (v.to(target) if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
@@ -172,21 +156,6 @@ def export_single_file(base: str, out_file: Path, *, dtype: str = "fp16", lora: 
 
 
 # ----------------------------------------------------------------------------- LoRA
-
-
-def lora_file(ref: str) -> Path:
-    """The local .safetensors file of a LoRA reference (downloading a hub LoRA)."""
-    from sdkit.inference.loading import LORA_FILE
-
-    path = Path(os.path.expanduser(ref))
-    if path.is_file():
-        return path
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(ref, LORA_FILE))
-    except Exception as e:
-        raise UserError(f"--lora: cannot fetch {LORA_FILE} from '{ref}': {type(e).__name__}") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
@@ -206,7 +175,10 @@ def export_lora(lora: str, out_file: Path, *, base: str, lora_format: str = "pef
     """
     from safetensors.torch import save_file
 
-    source = lora_file(lora)
+    from sdkit.inference.loading import local_lora_file
+    from sdkit.inference.sampling import torch_dtype
+
+    source = Path(local_lora_file(lora))
     tensors, metadata = _read_safetensors(source)
     target = torch_dtype(dtype)
     if lora_format == "peft":
@@ -224,12 +196,10 @@ def _kohya_file(tensors, file_metadata, source: Path, *, base, dtype, recipe, na
     from sdkit.export import kohya
 
     info = model_info(base)
-    if info.layout not in kohya.KOHYA_PREFIXES:
-        raise UserError(f"--lora-format kohya: not supported for {info.family} LoRAs (SD 1.x, 2.x and SDXL are); "
-                        "use --lora-format peft")
-    default_alpha = None
-    if recipe is not None:
-        default_alpha = recipe.method.alpha if recipe.method.alpha is not None else recipe.method.rank
+    if info.layout not in kohya.KOHYA_LAYOUTS:
+        raise UserError(f"--lora-format kohya: not supported for {info.family} LoRAs (kohya names exist for the "
+                        f"{', '.join(kohya.KOHYA_LAYOUTS)} checkpoint layouts); use --lora-format peft")
+    default_alpha = recipe.lora_alpha if recipe is not None else None
     out, alphas = kohya.to_kohya(tensors, file_metadata, layout=info.layout, unet_config=info.unet_config,
                                  default_alpha=default_alpha, dtype=dtype)
     prediction = info.prediction_type

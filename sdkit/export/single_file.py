@@ -26,9 +26,6 @@ SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
 SDXL_REFINER_TEXT_PREFIX = "conditioner.embedders.0.model."
 
-# Layouts sdkit writes (modelspec architecture ids are in sdkit.export.kohya).
-LAYOUTS = ("sd1", "sd2", "sdxl", "sdxl_refiner")
-
 _RESNET_NAMES = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -227,33 +224,27 @@ def clip_to_openclip(state_dict: Mapping, prefix: str) -> dict:
 # ----------------------------------------------------------------------------- whole pipelines
 
 
-def detect_layout(components: Mapping) -> str:
-    """sd1, sd2, sdxl or sdxl_refiner, from the pipeline's parts."""
-    unet = components.get("unet")
-    if unet is None:
-        raise UnmappedKeyError("the model has no UNet (SD3 and other transformer models have no original single-file layout)")
-    if components.get("text_encoder_2") is not None:
-        return "sdxl" if components.get("text_encoder") is not None else "sdxl_refiner"
-    # OpenAI CLIP (SD 1.x) uses quick_gelu; OpenCLIP ViT-H (SD 2.x) uses gelu.
-    act = getattr(components["text_encoder"].config, "hidden_act", "quick_gelu")
-    return "sd1" if act == "quick_gelu" else "sd2"
+# layout -> (component, writer, prefix) for each text encoder of the checkpoint
+TEXT_ENCODERS: dict[str, list[tuple[str, Callable[[Mapping, str], dict], str]]] = {
+    "sd1": [("text_encoder", clip_to_original, SD1_TEXT_PREFIX)],
+    "sd2": [("text_encoder", clip_to_openclip, SD2_TEXT_PREFIX)],
+    "sdxl": [
+        ("text_encoder", clip_to_original, SDXL_TEXT_PREFIXES[0]),
+        ("text_encoder_2", clip_to_openclip, SDXL_TEXT_PREFIXES[1]),
+    ],
+    "sdxl_refiner": [("text_encoder_2", clip_to_openclip, SDXL_REFINER_TEXT_PREFIX)],
+}
+# The layouts sdkit writes; a family names its own (Family.single_file_layout). Their modelspec
+# architecture ids are in sdkit.export.safetensors, their kohya LoRA names in sdkit.export.kohya.
+LAYOUTS = tuple(TEXT_ENCODERS)
 
 
-def original_state_dict(components: Mapping, layout: str | None = None) -> dict:
-    """All weights of an SD 1.x/2.x/SDXL pipeline (its `components`) under original-layout keys."""
-    layout = layout or detect_layout(components)
+def original_state_dict(components: Mapping, layout: str) -> dict:
+    """All weights of a pipeline (its `components`) under the original keys of `layout`
+    (one of LAYOUTS: what the model's family says, Family.single_file_layout)."""
     unet, vae = components["unet"], components["vae"]
     out = unet_to_original(unet.state_dict(), unet.config)
     out.update(vae_to_original(vae.state_dict(), vae.config))
-    text_writers: list[tuple[str, Callable[[Mapping, str], dict], str]] = {  # layout -> (component, writer, prefix)
-        "sd1": [("text_encoder", clip_to_original, SD1_TEXT_PREFIX)],
-        "sd2": [("text_encoder", clip_to_openclip, SD2_TEXT_PREFIX)],
-        "sdxl": [
-            ("text_encoder", clip_to_original, SDXL_TEXT_PREFIXES[0]),
-            ("text_encoder_2", clip_to_openclip, SDXL_TEXT_PREFIXES[1]),
-        ],
-        "sdxl_refiner": [("text_encoder_2", clip_to_openclip, SDXL_REFINER_TEXT_PREFIX)],
-    }[layout]
-    for name, writer, prefix in text_writers:
+    for name, writer, prefix in TEXT_ENCODERS[layout]:
         out.update(writer(components[name].state_dict(), prefix))
     return out
