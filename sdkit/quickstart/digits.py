@@ -15,6 +15,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from sdkit.atomic import atomic_write_path
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_SIDE = 8  # load_digits images are 8x8
 DIGITS_MAX = 16.0  # ... with values 0..16
@@ -49,9 +51,8 @@ def write_digits_folder(out, size: int = 16) -> Path:
         name = f"{i:04d}-{label}.png"
         Image.fromarray(image, mode="L").save(out / name)
         rows.append({"file_name": name, "text": caption(int(label))})
-    tmp = out / "metadata.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(out / "metadata.jsonl")  # written last: its presence marks a complete folder
+    with atomic_write_path(out / "metadata.jsonl") as tmp:  # written last: its presence marks a complete folder
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return out
 
 
