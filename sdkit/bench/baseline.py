@@ -58,19 +58,8 @@ class PlainLoopRunner:
         self.weight_dtype = weight_dtype
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
-        if r.method.type == "lora":
-            from peft import LoraConfig
-
-            unet.requires_grad_(False)
-            unet.to(acc.device, dtype=weight_dtype)
-            unet.add_adapter(LoraConfig(
-                r=r.method.rank, lora_alpha=r.lora_alpha, lora_dropout=r.method.dropout,
-                init_lora_weights="gaussian",
-                target_modules=r.method.target_modules or ["to_k", "to_q", "to_v", "to_out.0"],
-            ))
-            for p in unet.parameters():  # as diffusers' cast_training_params: adapters in fp32
-                if p.requires_grad:
-                    p.data = p.data.float()
+        if r.method.type == "lora":  # the reference scripts are one per method
+            _add_lora(unet, r, acc.device, weight_dtype)
         if r.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.vae.to(acc.device, dtype=weight_dtype)
@@ -158,3 +147,19 @@ class PlainLoopRunner:
     def close(self) -> None:
         self.acc.free_memory()
         self.unet = self.vae = self.text_encoder = self.optimizer = self.batches = None
+
+
+def _add_lora(unet, r, device, weight_dtype) -> None:
+    """As train_text_to_image_lora.py: a frozen base in the weight dtype, fp32 adapters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.to(device, dtype=weight_dtype)
+    unet.add_adapter(LoraConfig(
+        r=r.method.rank, lora_alpha=r.lora_alpha, lora_dropout=r.method.dropout,
+        init_lora_weights="gaussian",
+        target_modules=r.method.target_modules or ["to_k", "to_q", "to_v", "to_out.0"],  # the script's default
+    ))
+    for p in unet.parameters():  # as diffusers' cast_training_params: adapters in fp32
+        if p.requires_grad:
+            p.data = p.data.float()

@@ -172,48 +172,55 @@ def run_bench(
         if v.plain:
             check_plain_loop_supported(checked)
     load_before = _loadavg()
-    block = math.ceil(steps / rounds)
     with tempfile.TemporaryDirectory(prefix="sdkit-bench-") as tmp:
-        root = Path(tmp)
-        measured: list[Measurement] = []
-        if rounds == 1:
-            for i, v in enumerate(variants):
-                console.print(f"[bold]bench[/] {v.label}: set-up, {warmup} warm-up + {steps} timed steps")
-                reset_peak_memory()
-                runner = _build(v, recipe_path, steps, warmup, root, i, console)
-                m = _measure_alone(runner, steps, warmup)
-                runner.close()
-                del runner
-                _release()
-                measured.append(m)
-        else:
-            runners, ms = [], []
-            for i, v in enumerate(variants):
-                console.print(f"[bold]bench[/] {v.label}: set-up and {warmup} warm-up steps")
-                reset_peak_memory()
-                runner = _build(v, recipe_path, steps, warmup, root, i, console)
-                timer = PhaseTimer(sync)
-                _run_steps(runner, Measurement(v.label, 0, 0.0), timer, warmup)
-                runners.append((runner, timer))
-                ms.append(Measurement(runner.label, runner.samples_per_step, runner.setup_s, runner.cache_build_s,
-                                      peak_memory=peak_memory()))
-            console.print(f"[bold]bench[/] timing {steps} steps per variant in {rounds} alternating blocks")
-            for r in range(rounds):
-                for (runner, timer), m in zip(runners, ms):
-                    n = min(block, steps - len(m.step_s["wall"]))
-                    if n <= 0:
-                        continue
-                    timer.reset()
-                    reset_peak_memory()
-                    _run_steps(runner, m, timer, n)
-                    _accumulate(m, timer)
-                    m.peak_memory = max(m.peak_memory, peak_memory())
-            for runner, _ in runners:
-                runner.close()
-            del runners
-            _release()
-            measured = ms
+        measure = _one_after_another if rounds == 1 else _interleaved
+        measured = measure(variants, recipe_path, steps, warmup, rounds, Path(tmp), console)
     return _report_dict(measured, variants, steps, warmup, rounds, clock, load_before)
+
+
+def _one_after_another(variants, recipe_path, steps, warmup, rounds, root, console) -> list[Measurement]:
+    """Build, warm and time each variant alone, freeing it before the next."""
+    measured = []
+    for i, v in enumerate(variants):
+        console.print(f"[bold]bench[/] {v.label}: set-up, {warmup} warm-up + {steps} timed steps")
+        reset_peak_memory()
+        runner = _build(v, recipe_path, steps, warmup, root, i, console)
+        measured.append(_measure_alone(runner, steps, warmup))
+        runner.close()
+        del runner
+        _release()
+    return measured
+
+
+def _interleaved(variants, recipe_path, steps, warmup, rounds, root, console) -> list[Measurement]:
+    """Keep every variant alive and time them in `rounds` alternating blocks."""
+    runners, measured = [], []
+    for i, v in enumerate(variants):
+        console.print(f"[bold]bench[/] {v.label}: set-up and {warmup} warm-up steps")
+        reset_peak_memory()
+        runner = _build(v, recipe_path, steps, warmup, root, i, console)
+        timer = PhaseTimer(sync)
+        _run_steps(runner, Measurement(v.label, 0, 0.0), timer, warmup)
+        runners.append((runner, timer))
+        measured.append(Measurement(runner.label, runner.samples_per_step, runner.setup_s, runner.cache_build_s,
+                                    peak_memory=peak_memory()))
+    console.print(f"[bold]bench[/] timing {steps} steps per variant in {rounds} alternating blocks")
+    block = math.ceil(steps / rounds)
+    for _ in range(rounds):
+        for (runner, timer), m in zip(runners, measured):
+            n = min(block, steps - len(m.step_s["wall"]))
+            if n <= 0:
+                continue
+            timer.reset()
+            reset_peak_memory()
+            _run_steps(runner, m, timer, n)
+            _accumulate(m, timer)
+            m.peak_memory = max(m.peak_memory, peak_memory())
+    for runner, _ in runners:
+        runner.close()
+    del runners
+    _release()
+    return measured
 
 
 def _measure_alone(runner, steps: int, warmup: int) -> Measurement:

@@ -76,19 +76,8 @@ def _count(n: int) -> str:
 def _print_report(console, est: Estimate, n: dict, singles, combo) -> None:
     from rich.table import Table
 
-    r, t = est.recipe, est.recipe.train
-    console.print(
-        f"[bold]{r.model.pretrained}[/]: {n['family']}, {est.model.denoiser.class_name} "
-        f"{_count(n['denoiser_params'])} parameters (configs: {est.model.source})"
-    )
-    method = "full fine-tune" if r.method.type == "full" else f"LoRA rank {r.method.rank}"
-    accum = f" x {t.gradient_accumulation} accumulated" if t.gradient_accumulation > 1 else ""
-    ema = r.ema_applies
-    console.print(
-        f"{method}, {r.data.resolution} px, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "
-        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}, {r.optim.name}, "
-        f"EMA {'on' if ema else 'off'}, latent cache {'on' if est.cached else 'off'}"
-    )
+    r = est.recipe
+    _print_settings(console, est, n)
     b = n["breakdown_gib"]
     optimizer = "AdamW8bit: 1 byte per moment" if r.optim.name == "adamw8bit" else "AdamW: 2 fp32 moments"
     if est.cached:
@@ -133,6 +122,30 @@ def _print_report(console, est: Estimate, n: dict, singles, combo) -> None:
         message += " (the peak is validation sampling, not training)"
     console.print(f"[bold {style}]{message}[/]")
     console.print("[dim]Not counted: allocator fragmentation, cuDNN/cuBLAS workspaces.[/]")
+    _print_knobs(console, singles, combo, n, gpu)
+    if n["verdict"] != "fits":
+        for line in _not_estimated(r):
+            console.print(f"[dim]Also possible, not estimated: {line}[/]")
+
+
+def _print_settings(console, est: Estimate, n: dict) -> None:
+    r, t = est.recipe, est.recipe.train
+    console.print(
+        f"[bold]{r.model.pretrained}[/]: {n['family']}, {est.model.denoiser.class_name} "
+        f"{_count(n['denoiser_params'])} parameters (configs: {est.model.source})"
+    )
+    method = "full fine-tune" if r.method.type == "full" else f"LoRA rank {r.method.rank}"
+    accum = f" x {t.gradient_accumulation} accumulated" if t.gradient_accumulation > 1 else ""
+    console.print(
+        f"{method}, {r.data.resolution} px, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}, {r.optim.name}, "
+        f"EMA {'on' if r.ema_applies else 'off'}, latent cache {'on' if est.cached else 'off'}"
+    )
+
+
+def _print_knobs(console, singles, combo, n: dict, gpu: str) -> None:
+    from rich.table import Table
+
     if singles:
         kt = Table(title="What would help, each alone (run peak)", title_justify="left")
         kt.add_column("override")
@@ -144,6 +157,3 @@ def _print_report(console, est: Estimate, n: dict, singles, combo) -> None:
     if combo is not None:
         console.print(f"Together: [bold]{combo.overrides}[/] -> {combo.peak / GiB:.2f} GiB "
                       f"({verdict(combo.peak, n['gpu_memory_gib'])[0]} {gpu})")
-    if n["verdict"] != "fits":
-        for line in _not_estimated(r):
-            console.print(f"[dim]Also possible, not estimated: {line}[/]")

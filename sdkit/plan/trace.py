@@ -131,7 +131,16 @@ def _from_config(component, dtype=None):
             cls = getattr(transformers, component.class_name)
             config = {k: v for k, v in component.config.items() if k not in ("architectures", "model_type")}
             model = cls(cls.config_class(**config))
-    return model.to(dtype) if dtype is not None else model
+    if dtype is None:
+        return model
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # not its "cast with from_pretrained instead" advice: nothing is loaded here
+    try:
+        return model.to(dtype)
+    finally:
+        logging.set_verbosity(level)
 
 
 def _meta_family(recipe, model, dtype, vae_dtype):

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdkit.atomic import atomic_write_path
+
 EMPTY_CAPTION_FILE = "empty-caption.safetensors"
 
 
@@ -54,9 +56,9 @@ def _digest(record, flip: bool) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written cache entry
+    # A crash never leaves a half-written cache entry; no fsync: a lost entry is encoded again.
+    with atomic_write_path(path, fsync=False) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
 
 
 class LatentCache:

@@ -105,6 +105,8 @@ class Checkpointer:
 
         acc = self.acc
         final = self.root / f"checkpoint-{progress.step:07d}"
+        # Every rank writes into the same temporary folder, so its name is fixed (not
+        # sdkit.atomic's per-process one); the main rank renames it once all have written.
         tmp = self.root / f".tmp-checkpoint-{progress.step:07d}"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
