@@ -77,6 +77,10 @@ def train_digit_vae(pixels, *, steps: int = VAE_STEPS, seed: int = 0, log: Log =
 
     pixels: float tensor [N, 3, H, W] in [-1, 1]. Its scaling_factor is set to 1/std of the
     latents, so the UNet trains on unit-variance latents as in Stable Diffusion.
+
+    Its own short loop, on purpose: it fits a fixture of the demo (the miniature base model's
+    VAE), not a denoiser, so it is not a second sdkit training loop; `sdkit train` trains denoisers
+    through sdkit.training.step alone.
     """
     import torch
     import torch.nn.functional as F
@@ -210,6 +214,58 @@ def base_is_current(path: Path, *, seed: int, vae_steps: int) -> bool:
 
 # ---------------------------------------------------------------- the command
 
+def _data_and_base(run: Path, data_dir: Path, base_dir: Path, *, seed: int, vae_steps: int, log: Log) -> None:
+    """Steps 1 and 2: the digits folder and the miniature base model, each reused when current."""
+    from sdkit.quickstart.digits import write_digits_folder
+
+    if not (data_dir / "metadata.jsonl").is_file():
+        write_digits_folder(data_dir, size=RESOLUTION)
+    log(f"[bold]1/5[/] data: 1,797 scikit-learn digits as {RESOLUTION}px PNGs with captions in {data_dir}")
+    if base_is_current(base_dir, seed=seed, vae_steps=vae_steps):
+        log(f"[bold]2/5[/] base model: reusing {base_dir}")
+        return
+    log(f"[bold]2/5[/] base model: digit VAE + random text encoder + random UNet -> {base_dir}")
+    build_base(base_dir, seed=seed, vae_steps=vae_steps, log=log)
+    # Checkpoints and cached latents of an earlier base belong to another model.
+    for stale in ("checkpoints", "cache"):
+        shutil.rmtree(run / stale, ignore_errors=True)
+
+
+def _judge(run: Path, base_dir: Path, export_dir: Path, eval_dir: Path, *, seed: int, images_per_digit: int,
+           log: Log) -> tuple[dict, dict]:
+    """Step 5: the digits judge over the base, the trained model and its export; the grid and
+    the numbers of quickstart.json (without the timings)."""
+    from PIL import Image
+
+    from sdkit.inference.evaluate import eval_command
+    from sdkit.quickstart.digits import DIGIT_WORDS, image_grid, prompted_digit
+
+    log(f"[bold]5/5[/] eval: {images_per_digit} images per digit from the base, the trained model and its "
+        f"export (DDIM {JUDGE_STEPS} steps, guidance {JUDGE_GUIDANCE:g}), labelled by a digits classifier")
+    models = {"base": base_dir, "trained": run, "export": export_dir}
+    report = eval_command(
+        prompts=digit_prompts_path(), models=[str(m) for m in models.values()], metric="digits",
+        images_per_prompt=images_per_digit, batch_size=images_per_digit, steps=JUDGE_STEPS,
+        guidance=JUDGE_GUIDANCE, seed=seed, out=eval_dir,
+    )
+    share = {name: entry["mean"] / 100 for name, entry in zip(models, report["models"])}
+    trained_label = report["models"][1]["label"]
+    rows = [[image["file"] for image in p["scores"][trained_label]["images"]] for p in report["prompts"]]
+    grid_path = run / GRID_FILE
+    image_grid([[Image.open(f) for f in row] for row in rows], scale=4, gap=4).save(grid_path)
+    summary = {
+        "prompt_share": share["trained"],
+        "prompt_share_base": share["base"],
+        "prompt_share_export": share["export"],
+        "per_digit": {DIGIT_WORDS[prompted_digit(p["prompt"])]: p["scores"][trained_label]["score"] / 100
+                      for p in report["prompts"]},
+        "images_per_digit": images_per_digit,
+        "grid": str(grid_path),
+        "eval": str(eval_dir),
+    }
+    return summary, share
+
+
 def quickstart_command(out: str = "runs/quickstart", steps: Optional[int] = None, seed: int = 0, *,
                        vae_steps: int = VAE_STEPS, images_per_digit: int = JUDGE_IMAGES_PER_DIGIT,
                        log: Optional[Log] = None) -> Path:
@@ -221,30 +277,15 @@ def quickstart_command(out: str = "runs/quickstart", steps: Optional[int] = None
     """
     from rich.console import Console
 
-    from sdkit.quickstart.digits import DIGIT_WORDS, image_grid, prompted_digit, write_digits_folder
-    from sdkit.inference.evaluate import eval_command
     from sdkit.export.run import export_command
     from sdkit.recipe import load_recipe
     from sdkit.training.trainer import train
 
-    console = Console(stderr=True)
-    log = log or console.print
+    log = log or Console(stderr=True).print
     started = time.perf_counter()
     run = Path(out)
     data_dir, base_dir, export_dir, eval_dir = run / "digits", run / "base", run / "export", run / "eval"
-
-    if not (data_dir / "metadata.jsonl").is_file():
-        write_digits_folder(data_dir, size=RESOLUTION)
-    log(f"[bold]1/5[/] data: 1,797 scikit-learn digits as {RESOLUTION}px PNGs with captions in {data_dir}")
-
-    if base_is_current(base_dir, seed=seed, vae_steps=vae_steps):
-        log(f"[bold]2/5[/] base model: reusing {base_dir}")
-    else:
-        log(f"[bold]2/5[/] base model: digit VAE + random text encoder + random UNet -> {base_dir}")
-        build_base(base_dir, seed=seed, vae_steps=vae_steps, log=log)
-        # Checkpoints and cached latents of an earlier base belong to another model.
-        for stale in ("checkpoints", "cache"):
-            shutil.rmtree(run / stale, ignore_errors=True)
+    _data_and_base(run, data_dir, base_dir, seed=seed, vae_steps=vae_steps, log=log)
 
     overrides = [f"model.pretrained={base_dir}", f"data.dataset={data_dir}", f"output_dir={run}",
                  f"train.seed={seed}", "train.resume=auto"]
@@ -260,34 +301,10 @@ def quickstart_command(out: str = "runs/quickstart", steps: Optional[int] = None
     log(f"[bold]4/5[/] export: fp16 safetensors diffusers folder -> {export_dir}")
     export_command(format="safetensors", model=str(run), out=str(export_dir), dtype="fp16", force=True)
 
-    log(f"[bold]5/5[/] eval: {images_per_digit} images per digit from the base, the trained model and its "
-        f"export (DDIM {JUDGE_STEPS} steps, guidance {JUDGE_GUIDANCE:g}), labelled by a digits classifier")
-    models = {"base": base_dir, "trained": run, "export": export_dir}
-    report = eval_command(
-        prompts=digit_prompts_path(), models=[str(m) for m in models.values()], metric="digits",
-        images_per_prompt=images_per_digit, batch_size=images_per_digit, steps=JUDGE_STEPS,
-        guidance=JUDGE_GUIDANCE, seed=seed, out=eval_dir,
-    )
-    share = {name: entry["mean"] / 100 for name, entry in zip(models, report["models"])}
-    trained_label = report["models"][1]["label"]
-    rows = [[image["file"] for image in p["scores"][trained_label]["images"]] for p in report["prompts"]]
-    grid_path = run / GRID_FILE
-    from PIL import Image
-
-    image_grid([[Image.open(f) for f in row] for row in rows], scale=4, gap=4).save(grid_path)
-    summary = {
-        "prompt_share": share["trained"],
-        "prompt_share_base": share["base"],
-        "prompt_share_export": share["export"],
-        "per_digit": {DIGIT_WORDS[prompted_digit(p["prompt"])]: p["scores"][trained_label]["score"] / 100
-                      for p in report["prompts"]},
-        "images_per_digit": images_per_digit,
-        "steps": recipe.train.max_steps,
-        "train_seconds": round(train_seconds, 1),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "grid": str(grid_path),
-        "eval": str(eval_dir),
-    }
+    summary, share = _judge(run, base_dir, export_dir, eval_dir, seed=seed, images_per_digit=images_per_digit, log=log)
+    grid_path = Path(summary["grid"])
+    summary.update(steps=recipe.train.max_steps, train_seconds=round(train_seconds, 1),
+                   total_seconds=round(time.perf_counter() - started, 1))
     (run / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     log(f"images the classifier labels as the prompted digit: trained [bold]{share['trained']:.0%}[/] "
         f"(its fp16 export {share['export']:.0%}), untrained base {share['base']:.0%} (chance is 10%)")
