@@ -116,7 +116,7 @@ def export(
     lora: Optional[str] = typer.Option(None, "--lora", help="LoRA to ship, fuse or convert."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="mar: SDXL refiner to ship."),
     name: Optional[str] = typer.Option(None, "--name", help="mar: model name (default: from the model)."),
-    archive_format: str = typer.Option("default", "--archive-format", help="mar: default, no-archive or tgz."),
+    archive_format: str = typer.Option("default", "--archive-format", help="mar: default, no-archive, tgz or zip-store (uncompressed .mar)."),
     check: bool = typer.Option(False, "--check", help="mar: start TorchServe locally and send test requests."),
     max_steps: int = typer.Option(50, "--max-steps", help="mar: cap on steps per request."),
     max_size: int = typer.Option(1024, "--max-size", help="mar: cap on width/height per request."),

@@ -77,6 +77,7 @@ def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         serve = json.loads(z.read("sdkit_serve.json"))
         handler_source = z.read("sdkit_handler.py").decode()
+        requests_source = z.read("sdkit_requests.py").decode()
     assert manifest["model"] == {"modelName": "tiny", "handler": "sdkit_handler.py", "modelVersion": "1.0",
                                  "configFile": "model-config.yaml"}
     # The pipeline folder is in the archive as files: no model.zip inside the .mar, no pickles.
@@ -86,9 +87,11 @@ def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
     assert not [n for n in names if n.endswith((".zip", ".bin", ".pt", ".ckpt"))]
     assert serve["limits"] == {"max_steps": 20, "max_size": 512, "max_batch": 2} and serve["lora"] is None
     assert handler_source == Path(H.__file__).read_text()
+    assert requests_source == Path(H.__file__).with_name("handler_requests.py").read_text()
     # Self-contained: it imports where neither sdkit nor TorchServe can be imported.
     (tmp_path / "unpacked").mkdir()
     (tmp_path / "unpacked" / "sdkit_handler.py").write_text(handler_source)
+    (tmp_path / "unpacked" / "sdkit_requests.py").write_text(requests_source)
     code = "import sys; sys.modules['sdkit'] = sys.modules['ts'] = None; import sdkit_handler; print(sdkit_handler.handle)"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "unpacked", capture_output=True, text=True)
     assert result.returncode == 0 and "function handle" in result.stdout, result.stderr
@@ -162,7 +165,7 @@ def test_only_the_pipeline_is_shipped_and_pickles_are_converted(tiny_sd, tmp_pat
     (run / "samples" / "step-10.png").write_bytes(b"png")
     [archive, _] = export(run, tmp_path / "a", name="run", archive_format="no-archive")
     assert sorted(p.name for p in archive.iterdir()) == sorted(
-        ["MAR-INF", "model-config.yaml", "pipeline", "sdkit_handler.py", "sdkit_serve.json"])
+        ["MAR-INF", "model-config.yaml", "pipeline", "sdkit_handler.py", "sdkit_requests.py", "sdkit_serve.json"])
 
     unet = UNet2DConditionModel.from_pretrained(run / "unet")
     shutil.rmtree(run / "unet")

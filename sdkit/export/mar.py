@@ -3,7 +3,7 @@
 Output, ready to copy to a bucket (KServe's `storageUri` points at OUT):
 
     OUT/config/config.properties   TorchServe config: addresses, model_snapshot, timeouts, sizes
-    OUT/model-store/NAME.mar       sdkit_handler.py, sdkit_serve.json, model-config.yaml,
+    OUT/model-store/NAME.mar       sdkit_handler.py + sdkit_requests.py, sdkit_serve.json, model-config.yaml,
                                    pipeline/ (diffusers folder, safetensors), refiner/, lora/
 
 The diffusers files go into the archive as they are (no model.zip inside the .mar: TorchServe
@@ -28,6 +28,9 @@ from sdkit.inference.loading import LORA_FILE, ResolvedModel, local_lora_file, r
 
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")
 HANDLER_NAME = "sdkit_handler.py"  # a distinctive module name: TorchServe imports it by name
+# The handler's request parsing, shipped beside it under the name the handler imports.
+REQUESTS_SOURCE = Path(__file__).with_name("handler_requests.py")
+REQUESTS_NAME = "sdkit_requests.py"
 SERVE_CONFIG = "sdkit_serve.json"  # must match handler.SERVE_CONFIG
 MODEL_CONFIG = "model-config.yaml"
 # torch-model-archiver's --archive-format choices and what each writes (its `archiving_options`):
@@ -99,6 +102,7 @@ def export_mar(
             (stage / "lora").mkdir()
             _place(Path(lora_file), stage / "lora" / LORA_FILE, link=link)
         shutil.copyfile(HANDLER_SOURCE, stage / HANDLER_NAME)
+        shutil.copyfile(REQUESTS_SOURCE, stage / REQUESTS_NAME)
         (stage / SERVE_CONFIG).write_text(json.dumps(serve_config, indent=2) + "\n")
         (stage / MODEL_CONFIG).write_text(model_config_yaml())
 
