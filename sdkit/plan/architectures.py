@@ -5,7 +5,7 @@ Order: a local diffusers folder (model.pretrained is a path); the configs shippe
 Hugging Face cache (read offline, nothing is downloaded). Anything else is a UserError.
 
 The shipped configs were written from the public model repositories and are checked by
-parameter count in tests/test_plan.py (SD 1.5 UNet 859,520,964; SDXL UNet 2,567,463,684;
+parameter count in tests/plan/test_plan.py (SD 1.5 UNet 859,520,964; SDXL UNet 2,567,463,684;
 SD3 medium transformer 2,028,328,000; SD3.5 medium 2,243,171,520; T5-XXL encoder 4,762,310,656).
 Only torch-free imports here.
 """

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from helpers import check_resume_after_sigkill, loss_fell, train_recipe, write_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The tiny MMDiT (2 blocks, width 32) barely moves with attention-only adapters; adapters on
 # its feed-forward, modulation and in/out projections too make overfitting visible.

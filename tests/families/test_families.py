@@ -14,7 +14,7 @@ from sdkit.errors import UserError
 from sdkit.families import family_class, family_names
 from sdkit.recipe import recipe_from_dict
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sdkit"
+PACKAGE = Path(__file__).resolve().parents[2] / "sdkit"
 FAMILY_NAMES = ("sd", "sd2", "sdxl", "sd3", "flux")
 # `family == "sd3"`, `x != 'sdxl'`, `name in ("sd", ...)`, `in {"sd3"}`: a family decided outside families/.
 NAME_COMPARISON = re.compile(r"""(==|!=|\bin)\s*[\(\[\{]?\s*["'](%s)["']""" % "|".join(FAMILY_NAMES))

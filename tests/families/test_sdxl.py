@@ -19,7 +19,7 @@ from helpers import check_resume_after_sigkill, fit_with, loss_fell, train_recip
 
 from sdkit.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The tiny UNet has attention only at its coarsest level, so attention-only LoRA barely moves
 # a random network; adapters on the ResNet convolutions too make overfitting visible.

@@ -12,7 +12,7 @@ from sdkit.errors import UserError
 from sdkit.recipe import load_recipe, recipe_from_dict
 
 GiB = 2**30
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
 def make_recipe(pretrained, **sections):

@@ -12,7 +12,7 @@ from PIL import Image
 from sdkit.errors import UserError
 from sdkit.inference.evaluate import eval_command, read_prompts
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONG_PROMPT = "a very long prompt " * 6  # 114 bytes: more than the tiny byte-level CLIP's 77 tokens
 FAST = dict(images_per_prompt=2, steps=2, guidance=5.0, seed=7)
 

@@ -1,6 +1,6 @@
 """The TorchServe handler, run in-process on tiny pipelines: every request shape, the caps, the errors.
 
-TorchServe itself is not started here (tests/test_mar_torchserve.py does that). The request
+TorchServe itself is not started here (tests/export/test_mar_torchserve.py does that). The request
 context is TorchServe's own `ts.context.Context` when TorchServe is installed, else a stand-in
 with the same methods; the kserve/kservev2 envelope tests run TorchServe's envelope classes.
 """
