@@ -104,7 +104,6 @@ class Trainer:
                                      progress=lambda: progress_bar(self.console, acc.is_main_process))
         self.total_steps = build.total_steps(r, self.data.sampler.batches_per_epoch())
         self.step = build.build_step(r, self.family, self.adapter, modules, acc, dtype=dtype, steps=self.total_steps)
-        self.n_trainable = sum(p.numel() for p in self.step.params)
         self.refiner = build.refiner_loader(r.model.refiner, dtype)
         self.checkpointer = Checkpointer(self.run_dir, acc, self.adapter, r.train.checkpoints_keep, self.log)
         self.state = Progress()
