@@ -68,7 +68,8 @@ def local_family(pretrained: str):
     if not os.path.isfile(index):
         return None
     try:
-        return DETECT.get(json.loads(open(index, encoding="utf-8").read()).get("_class_name"))
+        with open(index, encoding="utf-8") as f:
+            return DETECT.get(json.load(f).get("_class_name"))
     except (OSError, ValueError, AttributeError):
         return None
 
