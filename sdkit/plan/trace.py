@@ -25,6 +25,7 @@ the bytes the CPU allocator handed out.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from array import array
 from dataclasses import dataclass, field, replace
@@ -286,6 +287,7 @@ def trace_training_step(recipe, model, *, fake: bool = True) -> TraceResult:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     start = time.perf_counter()
+    gc.collect()  # garbage of earlier work is not the step's: free it before the tracker watches
     recipe = recipe.model_copy(deep=True)
     recipe.train.compile = False  # compiling changes time, not what the step keeps
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
