@@ -96,7 +96,7 @@ def test_a_second_run_encodes_nothing(tiny_sd, image_folder, tmp_path):
     again = make_trainer(tmp_path, tiny_sd, image_folder, out, steps=2)
     with EncoderCalls() as calls:
         setup, during = setup_and_train(again, calls)
-    assert again.cached
+    assert again.data.cached
     assert setup == (0, 0) and during == (0, 0)
     assert cache_files(out) == files
 
