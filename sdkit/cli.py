@@ -14,8 +14,26 @@ import typer
 
 from sdkit.errors import UserError
 
+# The everyday loop, as users type it: train, then score, look at and ship the model just trained
+# (generate, eval and export default to the newest complete run in ./runs).
+EVERYDAY = (
+    "sdkit train recipes/sdxl-lora.yaml\n"
+    "sdkit eval --prompts prompts.txt\n"
+    'sdkit generate "photo of a dog"\n'
+    "sdkit export --format mar"
+)
+MODEL_HELP = "Hub id, diffusers folder or training run folder (default: $SDKIT_MODEL, else the newest complete run in ./runs)."
+
+
+def with_loop(summary: str) -> str:
+    """A help text: its summary, then the everyday loop as the first example."""
+    lines = "\n".join(f"[bold]$[/bold] {line}" for line in EVERYDAY.splitlines())
+    return (f"{summary}\n\nThe everyday loop (eval, generate and export take the newest complete run in ./runs):"
+            f"\n\n{lines}")
+
+
 app = typer.Typer(
-    help="Fine-tune, generate with, evaluate and export Stable Diffusion models.",
+    help=with_loop("Fine-tune, generate with, evaluate and export Stable Diffusion models."),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -24,7 +42,7 @@ app = typer.Typer(
 OverridesArg = typer.Argument(None, help="Recipe overrides as dotted KEY=VALUE, e.g. train.max_steps=500.")
 
 
-@app.command()
+@app.command(help=with_loop("Train from a recipe (full fine-tune or LoRA), through accelerate."))
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/sd15-lora.yaml."),
     overrides: Optional[List[str]] = OverridesArg,
@@ -33,7 +51,6 @@ def train(
         None, "--accelerate-config", help="accelerate config (default: ./accelerate_config.yaml when present)."
     ),
 ):
-    """Train from a recipe (full fine-tune or LoRA), through accelerate."""
     from sdkit.training.launch import launch_or_run
     from sdkit.recipe import load_recipe
 
@@ -41,10 +58,10 @@ def train(
     launch_or_run(resolved, recipe, overrides or [], accelerate_config, dry_run=dry_run)
 
 
-@app.command()
+@app.command(help=with_loop("Generate images from a base model, a fine-tune, a LoRA, or SDXL base + refiner."))
 def generate(
     prompts: List[str] = typer.Argument(..., help="One or more prompts."),
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, diffusers folder or training run folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     lora: Optional[str] = typer.Option(None, "--lora", help="LoRA file, folder or run folder."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="SDXL refiner (hub id or folder)."),
@@ -64,29 +81,35 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
     profile: bool = typer.Option(False, "--profile", help="Time text encoding, denoising and decoding; report peak memory."),
 ):
-    """Generate images from a base model, a fine-tune, a LoRA, or SDXL base + refiner."""
+    from sdkit.inference.default_model import use_model
     from sdkit.inference.generate import generate_command
 
     for name, value in (("--width", width), ("--height", height)):
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"{name} must be a positive multiple of 8, got {value}")
     generate_command(
-        prompts=prompts, model=model, lora=lora, lora_scale=lora_scale, refiner=refiner,
+        prompts=prompts, model=use_model(model).ref, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
         height=height, num_images=num_images, batch_size=batch_size, scheduler=scheduler, out=out,
         device=device, dtype=dtype, profile=profile,
     )
 
 
-@app.command("eval")
+@app.command("eval", help=with_loop("CLIP score (or the digits judge) per prompt and overall, for one or more models."))
 def evaluate(
     prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt a line (# comments ignored)."),
-    model: List[str] = typer.Option(..., "--model", "-m", help="Model to score; repeat to compare several."),
+    model: Optional[List[str]] = typer.Option(
+        None, "--model", "-m",
+        help="Model to score; repeat to compare several (default: $SDKIT_MODEL, else the newest complete run in "
+        "./runs, each beside the base model it was trained from).",
+    ),
     lora: Optional[str] = typer.Option(None, "--lora", help="LoRA applied to every model."),
     metric: str = typer.Option(
         "clip", "--metric", help="clip (CLIP score) or digits (share the quickstart's digits classifier labels as prompted)."
     ),
-    clip_model: str = typer.Option("openai/clip-vit-large-patch14", "--clip-model", help="CLIP hub id or local folder."),
+    clip_model: str = typer.Option(
+        "openai/clip-vit-large-patch14", "--clip-model", envvar="SDKIT_CLIP_MODEL", help="CLIP hub id or local folder."
+    ),
     images_per_prompt: int = typer.Option(2, "--images-per-prompt", min=1, help="Images per prompt and model."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per pipeline call, each from its own seed."),
     steps: int = typer.Option(30, "--steps", min=1, help="Denoising steps."),
@@ -98,24 +121,26 @@ def evaluate(
     device: Optional[str] = typer.Option(None, "--device", help="Force a device."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
 ):
-    """CLIP score (or the digits judge) per prompt and overall, for one or more models."""
+    from sdkit.inference.default_model import models_to_compare
     from sdkit.inference.evaluate import eval_command
 
     eval_command(
-        prompts=prompts, models=model, lora=lora, metric=metric, clip_model=clip_model,
+        prompts=prompts, models=models_to_compare(model), lora=lora, metric=metric, clip_model=clip_model,
         images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed,
         width=width, height=height, out=out, device=device, dtype=dtype,
     )
 
 
-@app.command()
+@app.command(help=with_loop("Export a TorchServe archive (.mar, KServe v2) or safetensors files other SD tools load."))
 def export(
     format: str = typer.Option(..., "--format", help="mar (TorchServe/KServe) or safetensors."),
-    model: str = typer.Option(..., "--model", "-m", help="Hub id, diffusers folder or training run folder."),
-    out: Path = typer.Option(..., "--out", help="Output folder (or file with --single-file)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (or file with --single-file; default: export/NAME/)."
+    ),
     lora: Optional[str] = typer.Option(None, "--lora", help="LoRA to ship, fuse or convert."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="mar: SDXL refiner to ship."),
-    name: Optional[str] = typer.Option(None, "--name", help="mar: model name (default: from the model)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Export name (default: the run or model folder's name)."),
     archive_format: str = typer.Option("default", "--archive-format", help="mar: default, no-archive, tgz or zip-store (uncompressed .mar)."),
     check: bool = typer.Option(False, "--check", help="mar: start TorchServe locally and send test requests."),
     max_steps: int = typer.Option(50, "--max-steps", help="mar: cap on steps per request."),
@@ -128,11 +153,11 @@ def export(
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="Strength when fusing."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
-    """Export a TorchServe archive (.mar, KServe v2) or safetensors files other SD tools load."""
     from sdkit.export.run import export_command
+    from sdkit.inference.default_model import use_model
 
     written = export_command(
-        format=format, model=model, out=str(out), lora=lora, refiner=refiner, name=name, dtype=dtype,
+        format=format, model=use_model(model).ref, out=str(out) if out else None, lora=lora, refiner=refiner, name=name, dtype=dtype,
         single_file=single_file, lora_format=lora_format, fuse_lora=fuse_lora, lora_scale=lora_scale,
         force=force, archive_format=archive_format, check=check, max_steps=max_steps, max_size=max_size,
         max_batch=max_batch,

@@ -18,6 +18,7 @@ FORMATS = ("mar", "safetensors")
 DTYPES = ("fp16", "bf16", "fp32")
 LORA_FORMATS = ("peft", "kohya")
 SAFETENSORS_SUFFIX = ".safetensors"
+DEFAULT_OUT = Path("export")  # an export without --out goes to export/NAME/
 # An export's name is a file name and a TorchServe model name: torch-model-archiver's rule.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -69,7 +70,7 @@ def _file_target(out: Path, file_name: str) -> Path:
 def export_command(
     format: str,
     model: str,
-    out: str,
+    out: Optional[str] = None,
     lora: Optional[str] = None,
     refiner: Optional[str] = None,
     name: Optional[str] = None,
@@ -85,7 +86,7 @@ def export_command(
     max_size: int = 1024,
     max_batch: int = 4,
 ) -> list[Path]:
-    """Export `model` (+ LoRA) in `format`; returns the paths written."""
+    """Export `model` (+ LoRA) in `format`; returns the paths written. Without `out`: export/NAME/."""
     from sdkit.export.mar import ARCHIVE_FORMATS
     from sdkit.inference.loading import resolve_lora, resolve_model
 
@@ -102,7 +103,7 @@ def export_command(
     if lora and resolved.lora:
         raise UserError(f"--lora: --model '{model}' is a LoRA run that already brings its LoRA ({resolved.lora})")
     lora_ref = resolve_lora(lora) if lora else resolved.lora
-    out_path = Path(os.path.expanduser(out))
+    out_path = Path(os.path.expanduser(out)) if out else DEFAULT_OUT / (name or default_name(resolved))
 
     if format == "mar":
         return _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fuse_lora, lora_scale,
