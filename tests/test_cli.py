@@ -66,3 +66,18 @@ def test_tiny_builds_model_and_family_is_detected(tmp_path):
     from sdkit.families import detect_family
 
     assert detect_family(str(tmp_path / "sd")) == "sd"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["export"]])
+def test_help_shows_the_everyday_loop_first(command):
+    """`sdkit --help` and the four commands' help: the four commands, in order, before any option."""
+    from typer.testing import CliRunner
+
+    from sdkit.cli import EVERYDAY, app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "120", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    text = result.output
+    where = [text.find(line) for line in EVERYDAY.splitlines()]
+    assert -1 not in where and where == sorted(where), text
+    assert where[-1] < text.find("--help")
