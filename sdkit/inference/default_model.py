@@ -21,6 +21,7 @@ from typing import Mapping, Optional
 
 from sdkit.errors import UserError
 from sdkit.inference.loading import LORA_FILE, MODEL_INDEX, RECIPE_FILE, is_run_dir
+from sdkit.recipe import check_local_ref
 
 ENV_VAR = "SDKIT_MODEL"
 RUNS_DIR = Path("runs")
@@ -89,11 +90,14 @@ def newest_complete_run(runs_dir: str | os.PathLike = RUNS_DIR) -> tuple[Optiona
 
 def choose_model(given: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
                  runs_dir: str | os.PathLike = RUNS_DIR) -> ModelChoice:
-    """--model > SDKIT_MODEL > newest complete run under `runs_dir`; a UserError when there is none."""
+    """--model > SDKIT_MODEL > newest complete run under `runs_dir`; a UserError when there is none
+    (or when a given local folder is missing: that error, not the choice, is then the one line)."""
     if given:
+        check_local_ref(given, FLAG)
         return ModelChoice(given, FLAG)
     env = os.environ if env is None else env
     if env.get(ENV_VAR, "").strip():
+        check_local_ref(env[ENV_VAR].strip(), ENV_VAR)
         return ModelChoice(env[ENV_VAR].strip(), ENV)
     run, interrupted = newest_complete_run(runs_dir)
     skipped = tuple(str(p) for p in interrupted)
@@ -124,6 +128,8 @@ def models_to_compare(given: Optional[list[str]], **kwargs) -> list[str]:
     """What `sdkit eval` scores: the models given; else the default model and, when it is a
     training run, the base model it was trained from beside it (what fine-tuning changed)."""
     if given:
+        for ref in given:
+            check_local_ref(ref, FLAG)
         print(f"model: {', '.join(given)} (--model)", file=sys.stderr, flush=True)
         return list(given)
     choice = choose_model(None, **kwargs)

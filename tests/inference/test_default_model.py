@@ -124,6 +124,10 @@ def test_sdkit_model_wins_over_runs_and_model_flag_over_both(runs_folder, tiny_s
     assert (choice.ref, choice.source) == ("runs/older", ENV_VAR)
     assert choice.line() == f"model: runs/older (from {ENV_VAR}; --model to choose another)"
     assert choose_model(str(tiny_sd)).ref == str(tiny_sd)
+    monkeypatch.setenv(ENV_VAR, "./no/such/model")
+    with pytest.raises(UserError, match=f"^{ENV_VAR}: folder './no/such/model' does not exist$"):
+        choose_model(None)
+    monkeypatch.setenv(ENV_VAR, "runs/older")
 
     code, out = run_cli(monkeypatch, capsys, "generate", "photo of a dog", "--steps", "2")
     assert code == 0, out.err
