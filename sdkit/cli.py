@@ -82,11 +82,9 @@ def generate(
     profile: bool = typer.Option(False, "--profile", help="Time text encoding, denoising and decoding; report peak memory."),
 ):
     from sdkit.inference.default_model import use_model
-    from sdkit.inference.generate import generate_command
+    from sdkit.inference.generate import check_size, generate_command
 
-    for name, value in (("--width", width), ("--height", height)):
-        if value is not None and (value <= 0 or value % 8):
-            raise UserError(f"{name} must be a positive multiple of 8, got {value}")
+    check_size(width, height)
     generate_command(
         prompts=prompts, model=use_model(model).ref, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
@@ -164,6 +162,30 @@ def export(
     )
     for path in written or []:
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def ui(
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="A model to generate with; repeat for side-by-side columns."),
+    run: Optional[List[str]] = typer.Option(None, "--run", help="A training run folder, or a folder of runs, for the Runs tab."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="SDXL refiner the page can switch on."),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="Show each image's CLIP score (as sdkit eval)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", help="Port."),
+    share: str = typer.Option("no", "--share", help="yes: a public gradio.live link (needs the internet)."),
+    max_loaded: Optional[int] = typer.Option(None, "--max-loaded", help="Models kept loaded (default: all of --model)."),
+    max_memory: Optional[float] = typer.Option(None, "--max-memory", help="GiB of weights kept loaded; least recently used leave first."),
+    concurrency: int = typer.Option(1, "--concurrency", help="Generations running at once; other users wait in the queue."),
+    out: Path = typer.Option(Path("outputs/ui"), "--out", help="Folder for the generated PNGs."),
+    device: Optional[str] = typer.Option(None, "--device", help="Force a device (cuda, cpu, mps)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
+):
+    """A web page: generate with several models side by side, and watch training runs (needs the ui extra)."""
+    from sdkit.ui.app import ui_command
+
+    ui_command(models=model or [], runs=run or [], refiner=refiner, clip_model=clip_model, host=host, port=port,
+               share=share, max_loaded=max_loaded, max_memory=max_memory, concurrency=concurrency, out=out,
+               device=device, dtype=dtype)
 
 
 @app.command()

@@ -77,6 +77,14 @@ def generate_command(
     return written
 
 
+def check_size(width: Optional[int], height: Optional[int]) -> None:
+    """--width/--height, before any model loads (the model's own multiple is checked once it
+    has loaded: PipelineInfo.image_size). `sdkit ui` asks the same, so the messages match."""
+    for name, value in (("--width", width), ("--height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"{name} must be a positive multiple of 8, got {value}")
+
+
 # ---------------------------------------------------------------------------- files
 
 

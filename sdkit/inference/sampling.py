@@ -175,15 +175,14 @@ def load_pipeline(
     pipe = AutoPipelineForText2Image.from_pretrained(refs.base, **dtype_kwarg(weights_dtype), **extra)
     for i, path in enumerate(refs.loras):
         load_lora(pipe, path, adapter_name=f"lora{i}")
-    if refs.loras:
-        pipe.set_adapters([f"lora{i}" for i in range(len(refs.loras))], adapter_weights=[lora_scale] * len(refs.loras))
+    set_lora_scale(pipe, len(refs.loras), lora_scale)
     refiner_pipe = None
     if refiner:
         refiner_pipe = AutoPipelineForImage2Image.from_pretrained(refs.refiner_base, **dtype_kwarg(weights_dtype))
     if scheduler:
         for p in (pipe, refiner_pipe):
             if p is not None:
-                p.scheduler = _make_scheduler(scheduler, p.scheduler.config)
+                p.scheduler = make_scheduler(scheduler, p.scheduler.config)
 
     placement = _place(pipe, refiner_pipe, device_name, offload)
     width, height, multiple = native_size(pipe, family_cls.denoiser_attr)
@@ -249,11 +248,18 @@ def dtype_kwarg(torch_dtype) -> dict:
     return {name: torch_dtype}
 
 
-def _make_scheduler(name: str, config):
+def make_scheduler(name: str, config):
+    """The scheduler sdkit calls `name`, built from a pipeline's scheduler config."""
     import diffusers
 
     class_name, overrides = SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+def set_lora_scale(pipe, n_loras: int, scale: float) -> None:
+    """The strength of the LoRAs load_pipeline loaded (adapters lora0, lora1 ...)."""
+    if n_loras:
+        pipe.set_adapters([f"lora{i}" for i in range(n_loras)], adapter_weights=[scale] * n_loras)
 
 
 def scheduler_name(scheduler) -> str:
