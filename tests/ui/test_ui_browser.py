@@ -167,6 +167,23 @@ def test_bad_width_shows_generates_message_then_next_run_works(page, tiny_sd, tm
     assert served_png(page, 0).text["seed"] == "5" and served_png(page, 1).text["seed"] == "5"
 
 
+def test_progress_bar_and_stop_button(page):
+    """A long request (150 steps x 8 images x 2 models) shows the step progress and ends at Stop."""
+    page.locator("#prompt textarea").fill(PROMPT)
+    fill_number(page, "steps", 150)
+    fill_number(page, "num-images", 8)
+    page.locator("#generate").click()
+    page.get_by_text("denoising").first.wait_for(timeout=120_000)  # Gradio's progress, fed by the step callback
+    page.locator("#stop").click()
+    page.wait_for_function("() => /^(done|error|stopped)/.test(document.querySelector('#status').innerText.trim())",
+                           timeout=60_000)
+    assert page.locator("#status").inner_text().startswith("stopped")
+    assert page.locator("#note-0").inner_text().strip() == "stopped"
+    fill_number(page, "steps", SETTINGS["steps"])
+    fill_number(page, "num-images", 1)
+    assert generate(page).startswith("done")  # the next request runs to the end
+
+
 def test_runs_tab_shows_curves_and_sample_grid(page, run_dir, tmp_path):
     page.get_by_role("tab", name="Runs").click()
     page.locator("#run-status").get_by_text("2 steps logged").wait_for(timeout=60_000)

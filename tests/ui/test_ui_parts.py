@@ -75,3 +75,20 @@ def test_ui_command_checks_before_serving(tiny_sd, tmp_path):
         ui_command(models=[str(tmp_path / "missing")], runs=[])
     with pytest.raises(UserError, match="at least one model"):
         ui_command(models=[], runs=[])
+
+
+def test_clip_score_under_each_image_is_sdkit_evals(tiny_sd, tiny_clip, tmp_path):
+    from PIL import Image
+
+    from sdkit.inference.evaluate import ClipScorer
+    from sdkit.ui.generate_tab import GenerateContext, generate_all
+    from sdkit.ui.generation import StopFlags
+
+    ctx = GenerateContext(models=[str(tiny_sd)], labels=["sd"], cache=ModelCache(max_loaded=1), out=tmp_path / "out",
+                          scorer_factory=lambda: ClipScorer(str(tiny_clip), "cpu"), stops=StopFlags())
+    *_, last = generate_all(ctx, "a red circle", "", 2, 5.0, 3, True, 0, 0, 2, "the model's own", 1.0, False,
+                            session="s", progress=lambda *a, **k: None)
+    items = last[1]
+    assert [caption.split(" · ")[0] for _, caption in items] == ["seed 3", "seed 4"]
+    _, expected = ClipScorer(str(tiny_clip), "cpu").score([Image.open(path) for path, _ in items], "a red circle")
+    assert [caption.split(" · CLIP ")[1] for _, caption in items] == [f"{score:.2f}" for score in expected]
