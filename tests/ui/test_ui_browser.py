@@ -195,4 +195,8 @@ def test_runs_tab_shows_curves_and_sample_grid(page, run_dir, tmp_path):
     assert "a blue circle" in page.locator("#samples").inner_text()
     assert "rank: 4" in page.locator("#recipe").inner_text()
     page.screenshot(path=str(tmp_path / "runs-tab.png"), full_page=True)
+    # while a run trains, new samples appear without a click (the tab refreshes every few seconds)
+    shutil.copytree(run_dir / "samples" / "step-0000002", run_dir / "samples" / "step-0000003")
+    samples.nth(5).wait_for(timeout=30_000)
+    assert "step 3 · a red square" in page.locator("#samples").inner_text()
     assert page.outside == []
