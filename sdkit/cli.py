@@ -183,6 +183,10 @@ def ui(
     """A web page: generate with several models side by side, and watch training runs (needs the ui extra)."""
     from sdkit.ui.app import ui_command
 
+    if not model and not run:  # the model just trained, as generate/eval/export choose it
+        from sdkit.inference.default_model import use_model
+
+        model = [use_model(None).ref]
     ui_command(models=model or [], runs=run or [], refiner=refiner, clip_model=clip_model, host=host, port=port,
                share=share, max_loaded=max_loaded, max_memory=max_memory, concurrency=concurrency, out=out,
                device=device, dtype=dtype)

@@ -157,6 +157,7 @@ def test_interrupted_runs_are_never_chosen(runs_folder):
 
 @pytest.mark.parametrize("args", [
     ("generate", "photo of a dog"), ("eval", "--prompts", "prompts.txt"), ("export", "--format", "mar"),
+    ("ui",),
 ])
 def test_no_run_and_no_setting_exits_2_saying_how_to_pass_one(args, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
