@@ -35,13 +35,17 @@ import time
 
 logger = logging.getLogger(__name__)
 
-try:  # in the archive: the module shipped beside this one
+try:  # in the archive: the modules shipped beside this one
+    from sdkit_answers import error_body, format_response
     from sdkit_requests import (  # noqa: F401  (Limits, Defaults: part of this module's interface)
-        DEFAULT_LIMITS, DEFAULT_STEPS, Defaults, Job, Limits, MAX_SEED, Request, RequestError, SERVE_CONFIG, is_form_row, is_raw_row, is_v2_tensor, encode_png, error_body, format_response, parse_body, parse_form, parse_v1, parse_v2,
+        DEFAULT_LIMITS, DEFAULT_STEPS, Defaults, Job, Limits, MAX_SEED, Request, RequestError, SERVE_CONFIG,
+        is_form_row, is_raw_row, is_v2_tensor, parse_body, parse_form, parse_safely, parse_v1, parse_v2, show,
     )
 except ImportError:  # inside the sdkit package (sdkit itself, the tests)
+    from sdkit.export.handler_answers import error_body, format_response
     from sdkit.export.handler_requests import (  # noqa: F401
-        DEFAULT_LIMITS, DEFAULT_STEPS, Defaults, Job, Limits, MAX_SEED, Request, RequestError, SERVE_CONFIG, is_form_row, is_raw_row, is_v2_tensor, encode_png, error_body, format_response, parse_body, parse_form, parse_v1, parse_v2,
+        DEFAULT_LIMITS, DEFAULT_STEPS, Defaults, Job, Limits, MAX_SEED, Request, RequestError, SERVE_CONFIG,
+        is_form_row, is_raw_row, is_v2_tensor, parse_body, parse_form, parse_safely, parse_v1, parse_v2, show,
     )
 
 # ------------------------------------------------------------------------ the service
@@ -93,8 +97,9 @@ class DiffusionService:
         self.pipe = pipe
 
         if config.get("refiner"):
-            self.refiner = self._load_refiner(pipe, model_dir, config["refiner"])
-        self.refiner_start = float(config.get("refiner_start", 0.8))
+            self.refiner = self._load_refiner(pipe, model_dir, config["refiner"], config.get("refiner_device"))
+        self.refiner_start = float(config.get("refiner_start") or 0.8)
+        self.refiner_steps = config.get("refiner_steps")  # None: the request's steps
 
         multiple = self._set_limits(pipe, config)
         if config.get("warmup", True):
@@ -110,17 +115,20 @@ class DiffusionService:
             self.limits, self.defaults,
         )
 
-    def _load_refiner(self, pipe, model_dir: str, folder: str):
+    def _load_refiner(self, pipe, model_dir: str, folder: str, device=None):
+        import torch
         from diffusers import DiffusionPipeline
 
+        device = device or self.device
+        dtype = torch.float32 if device == "cpu" else self.dtype
         shared = {}  # SDXL's refiner reuses the base's second text encoder and VAE: load them once
         with open(os.path.join(model_dir, folder, "model_index.json")) as f:
             refiner_index = json.load(f)
         for name in ("text_encoder_2", "vae"):
-            if refiner_index.get(name) and getattr(pipe, name, None) is not None:
-                shared[name] = getattr(pipe, name)
-        refiner = _load_pipeline(DiffusionPipeline, os.path.join(model_dir, folder), self.dtype, **shared)
-        refiner.to(self.device)
+            if refiner_index.get(name) and getattr(pipe, name, None) is not None and device == self.device:
+                shared[name] = getattr(pipe, name)  # a refiner kept on the CPU gets its own copies
+        refiner = _load_pipeline(DiffusionPipeline, os.path.join(model_dir, folder), dtype, **shared)
+        refiner.to(device)
         refiner.set_progress_bar_config(disable=True)
         return refiner
 
@@ -141,12 +149,14 @@ class DiffusionService:
             width=int(defaults.get("width") or native),
             height=int(defaults.get("height") or native),
             guidance=defaults.get("guidance"),
+            negative_prompt=defaults.get("negative_prompt"),
+            image_format=defaults.get("image_format") or "png",
         )
         return multiple
 
     # -------------------------------------------------------------- generation
     def generate(self, job: Job) -> tuple:
-        """Images (base64 PNG) and their seeds; image i comes from its own generator seeded seeds[i]."""
+        """PIL images and their seeds; image i comes from its own generator seeded seeds[i]."""
         import torch
 
         first = job.seed if job.seed is not None else random.randrange(0, 2**31)
@@ -167,8 +177,11 @@ class DiffusionService:
             else:
                 latents = self.pipe(**kwargs, denoising_end=self.refiner_start, output_type="latent").images
                 refine = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
+                if self.refiner_steps:
+                    refine["num_inference_steps"] = self.refiner_steps
+                latents = latents.to(self.refiner.device, self.refiner.dtype)  # the refiner may live on the CPU
                 images = self.refiner(**refine, image=latents, denoising_start=self.refiner_start).images
-        return [encode_png(image) for image in images], seeds
+        return images, seeds
 
     def run(self, request: Request, context, idx: int):
         started = time.perf_counter()
@@ -199,9 +212,9 @@ class DiffusionService:
         # Values a TorchServe envelope unpacked: kservev2 gives the input tensors, kserve the instances.
         try:
             if all(is_v2_tensor(item) for item in data):
-                request = parse_v2({"inputs": data}, self.limits, self.defaults, enveloped=True)
+                request = parse_safely(parse_v2, {"inputs": data}, self.limits, self.defaults, enveloped=True)
             else:
-                request = parse_v1(data, self.limits, self.defaults, enveloped=True)
+                request = parse_safely(parse_v1, data, self.limits, self.defaults, enveloped=True)
         except RequestError as e:
             logger.info("bad request: %s", e)
             raise _prediction_error(str(e)) from None
@@ -215,16 +228,21 @@ class DiffusionService:
     def _handle_raw(self, row: dict, context, idx: int):
         try:
             if is_form_row(row, context, idx):
-                request = parse_form(row, self.limits, self.defaults)
+                request = parse_safely(parse_form, row, self.limits, self.defaults)
             else:
                 body = row.get("body") if row.get("body") is not None else row.get("data")
-                request = parse_body(body, self.limits, self.defaults)
+                request = parse_safely(parse_body, body, self.limits, self.defaults)
         except RequestError as e:
             logger.info("bad request: %s", e)
             _set_status(context, idx, 400, "Bad Request")
             return error_body(str(e))
         _set_content_type(context, idx, "application/json")
-        return self.run(request, context, idx)
+        try:
+            return self.run(request, context, idx)
+        except Exception as e:  # noqa: BLE001  one failed generation must not fail the batch's other rows
+            logger.exception("generation failed")
+            _set_status(context, idx, 500, "Internal Server Error")
+            return {"code": 500, "type": "InternalServerError", "message": show(f"{type(e).__name__}: {e}")}
 
 
 def _load_pipeline(pipeline_class, folder: str, dtype, **components):

@@ -1,5 +1,5 @@
-"""Requests and answers of the TorchServe handler (sdkit/export/handler.py): every accepted
-request shape parsed into jobs under the export's caps, one 400 per bad row, and the responses.
+"""Requests of the TorchServe handler (sdkit/export/handler.py) and of `sdkit serve`: every accepted
+request shape parsed into jobs under the export's caps, one 400 per bad row (answers: handler_answers.py).
 
 Shipped beside the handler in the archive as `sdkit_requests.py`; like the handler it imports
 nothing from sdkit or TorchServe, so the archive runs where only torch and diffusers are installed.
@@ -7,20 +7,26 @@ nothing from sdkit or TorchServe, so the archive runs where only torch and diffu
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 SERVE_CONFIG = "sdkit_serve.json"  # written by sdkit's exporter next to this file in the archive
 DEFAULT_LIMITS = {"max_steps": 50, "max_size": 1024, "max_batch": 4}
 DEFAULT_STEPS = 30
-FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images")
+FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images", "image_format")
 ALIASES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "num_images"}
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
+# A whole request body, any form: a few prompts of MAX_PROMPT_CHARS and their settings fit many times over.
+MAX_BODY_BYTES = 1024 * 1024
+MAX_ECHO_CHARS = 200  # values quoted back in errors and log lines are cut to this
+# Answers: base64 PNG strings, or a UINT8 tensor [N, H, W, 3]; "uint8-hwc" gives one image as [H, W, 3]
+# (what `Image.fromarray(np.array(outputs[0]["data"], dtype="uint8"))` clients decode).
+IMAGE_FORMATS = ("png", "uint8", "uint8-hwc")
+_INTEGER = re.compile(r"-?[0-9]{1,30}")  # ASCII digits only: int() also takes "²"-like digits and "1_000"
 
 
 class RequestError(ValueError):
@@ -41,6 +47,8 @@ class Defaults:
     width: int
     height: int
     guidance: Optional[float] = None  # None: the pipeline's own default
+    negative_prompt: Optional[str] = None
+    image_format: str = "png"
 
 
 @dataclass
@@ -55,6 +63,7 @@ class Job:
     width: int
     height: int
     num_images: int
+    image_format: str = "png"
 
     @property
     def image_count(self) -> int:
@@ -72,27 +81,42 @@ class Request:
 # ------------------------------------------------------------------------ request parsing
 
 
+def show(value: Any) -> str:
+    """A value as JSON for an error or a log line, cut short: requests may hold megabytes or odd text."""
+    try:
+        text = value if isinstance(value, str) and len(value) > MAX_ECHO_CHARS * 4 else None
+        text = json.dumps(text[: MAX_ECHO_CHARS * 4] if text else value, ensure_ascii=True, default=str)
+    except (ValueError, TypeError, RecursionError):  # ints over 4,300 digits, nesting too deep
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + f"... ({_size(value)})"
+
+
+def _size(value: Any) -> str:
+    try:
+        return f"{len(value)} long" if isinstance(value, (str, bytes, bytearray, list, dict)) else "cut"
+    except TypeError:
+        return "cut"
+
+
 def _integer(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise RequestError(f"'{name}' must be an integer, got {json.dumps(value)}")
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
         return int(value.strip())
-    raise RequestError(f"'{name}' must be an integer, got {json.dumps(value, default=str)}")
+    raise RequestError(f"'{name}' must be an integer, got {show(value)}")
 
 
 def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise RequestError(f"'{name}' must be a number, got {json.dumps(value)}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (isinstance(value, str) and len(value) > 40):
+        raise RequestError(f"'{name}' must be a number, got {show(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"'{name}' must be a number, got {json.dumps(value, default=str)}") from None
+    except (ValueError, OverflowError):  # OverflowError: an int of hundreds of digits
+        raise RequestError(f"'{name}' must be a number, got {show(value)}") from None
     if not math.isfinite(number):
-        raise RequestError(f"'{name}' must be a finite number, got {value}")
+        raise RequestError(f"'{name}' must be a finite number, got {show(value)}")
     return number
 
 
@@ -103,9 +127,13 @@ def _text(value: Any, name: str) -> str:
         except UnicodeDecodeError:
             raise RequestError(f"'{name}' is not UTF-8 text") from None
     if not isinstance(value, str):
-        raise RequestError(f"'{name}' must be a string, got {json.dumps(value, default=str)}")
+        raise RequestError(f"'{name}' must be a string, got {show(value)}")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(f"'{name}' is {len(value)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no tokenizer or log takes it
+        raise RequestError(f"'{name}' is not valid Unicode text (it holds a lone surrogate)") from None
     return value
 
 
@@ -119,10 +147,10 @@ def _prompt_list(value: Any, name: str) -> list:
     return prompts
 
 
-def _field_name(key: str, where: str) -> str:
-    name = ALIASES.get(key, key)
+def _field_name(key: Any, where: str) -> str:
+    name = ALIASES.get(key, key) if isinstance(key, str) else None
     if name not in FIELDS:
-        raise RequestError(f"unknown field '{key}' in {where}; known fields: {', '.join(FIELDS)}")
+        raise RequestError(f"unknown field {show(key)} in {where}; known fields: {', '.join(FIELDS)}")
     return name
 
 
@@ -132,7 +160,7 @@ def _canonical_fields(fields: dict, where: str) -> dict:
     for key, value in fields.items():
         name = _field_name(key, where)
         if name in out:
-            raise RequestError(f"'{name}' given twice in {where} (as '{key}')")
+            raise RequestError(f"'{name}' given twice in {where} (as {show(key)})")
         out[name] = value
     return out
 
@@ -164,7 +192,10 @@ def make_job(prompts: list, fields: dict, limits: Limits, defaults: Defaults) ->
         seed = _integer(seed, "seed")
         if not 0 <= seed <= MAX_SEED:
             raise RequestError(f"'seed' must be between 0 and {MAX_SEED}, got {seed}")
-    negative = fields.get("negative_prompt")
+    image_format = fields.get("image_format", defaults.image_format)
+    if image_format not in IMAGE_FORMATS:
+        raise RequestError(f"'image_format' must be one of {', '.join(IMAGE_FORMATS)}, got {show(image_format)}")
+    negative = fields.get("negative_prompt", defaults.negative_prompt)
     if negative is not None:
         negative = _prompt_list(negative, "negative_prompt")
         if len(negative) == 1:
@@ -173,7 +204,7 @@ def make_job(prompts: list, fields: dict, limits: Limits, defaults: Defaults) ->
             raise RequestError(f"{len(negative)} negative prompts for {len(prompts)} prompts; give one or one per prompt")
     return Job(
         prompts=prompts, negative_prompts=negative, steps=steps, guidance=guidance, seed=seed,
-        width=sizes["width"], height=sizes["height"], num_images=num_images,
+        width=sizes["width"], height=sizes["height"], num_images=num_images, image_format=image_format,
     )
 
 
@@ -196,7 +227,7 @@ def _job_from_object(obj: Any, where: str, limits: Limits, defaults: Defaults) -
         raise RequestError(f"{where} has no 'prompt'")
     prompt = fields["prompt"]
     if not isinstance(prompt, str):
-        raise RequestError(f"'prompt' in {where} must be a string, got {json.dumps(prompt, default=str)}")
+        raise RequestError(f"'prompt' in {where} must be a string, got {show(prompt)}")
     return make_job(_prompt_list(prompt, "prompt"), fields, limits, defaults)
 
 
@@ -209,6 +240,19 @@ def _flatten(values: Any) -> list:
     return flat
 
 
+def _check_shape(shape: Any, count: int, name: str) -> None:
+    """The protocol's shape, where one dimension may be -1 (dynamic): `[-1]` fits any count."""
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        return  # some clients send no shape; the data is what counts
+    known = [s for s in shape if s != -1]
+    dynamic = len(shape) - len(known)
+    if dynamic > 1 or any(s < 0 for s in known) or len(shape) > 8:
+        raise RequestError(f"v2 request: input {show(name)} has shape {show(shape)}; at most one dimension may be -1")
+    size = math.prod(known)
+    if (count != size) if not dynamic else (size == 0 or count % size):
+        raise RequestError(f"v2 request: input {show(name)} has shape {show(shape)} but {count} values")
+
+
 def parse_v2(body: dict, limits: Limits, defaults: Defaults, *, enveloped: bool = False) -> Request:
     """KServe v2 / Open Inference request: prompts in a BYTES tensor, settings as parameters or tensors."""
     inputs = body.get("inputs")
@@ -219,21 +263,18 @@ def parse_v2(body: dict, limits: Limits, defaults: Defaults, *, enveloped: bool 
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str) or "data" not in tensor:
             raise RequestError(f"v2 request: inputs[{i}] must be an object with 'name', 'datatype', 'shape' and 'data'")
         values = _flatten(tensor["data"])
-        shape = tensor.get("shape")
         # The kservev2 envelope keeps only the first element of BYTES data, so the shape no longer matches.
-        if not enveloped and isinstance(shape, list) and all(isinstance(s, int) for s in shape):
-            if math.prod(shape) != len(values):
-                raise RequestError(
-                    f"v2 request: input '{tensor['name']}' has shape {shape} but {len(values)} values"
-                )
+        if not enveloped:
+            _check_shape(tensor.get("shape"), len(values), tensor["name"])
         tensors[tensor["name"]] = (tensor.get("datatype"), values)
     if "prompt" in tensors:
         prompt_name = "prompt"
     else:
-        text_inputs = [name for name, (datatype, _) in tensors.items() if datatype == "BYTES"]
+        text_inputs = [name for name, (datatype, _) in tensors.items()
+                       if datatype == "BYTES" and ALIASES.get(name, name) not in FIELDS]
         if len(text_inputs) != 1:
             raise RequestError("v2 request: no input named 'prompt' (datatype BYTES, shape [n], data [prompt, ...])")
-        prompt_name = text_inputs[0]  # a generic client's "input-0"
+        prompt_name = text_inputs[0]  # a generic client's "input-0" / "input0"
     prompts = _prompt_list(tensors.pop(prompt_name)[1], "prompt")
 
     parameters = body.get("parameters") or {}
@@ -255,11 +296,16 @@ def parse_v2(body: dict, limits: Limits, defaults: Defaults, *, enveloped: bool 
     job = make_job(prompts, fields, limits, defaults)
     _check_batch([job], limits)
     request_id = body.get("id")
+    if request_id is not None and (not isinstance(request_id, (str, int)) or len(str(request_id)) > 256):
+        raise RequestError(f"v2 request: 'id' must be a string of at most 256 characters, got {show(request_id)}")
     return Request(kind="v2", jobs=[job], request_id=str(request_id) if request_id is not None else None, enveloped=enveloped)
 
 
 def parse_body(body: Any, limits: Limits, defaults: Defaults) -> Request:
     """A raw request body as TorchServe hands it over: dict/list (JSON), str (text/*) or bytes."""
+    if isinstance(body, (bytes, bytearray, str)) and len(body) > MAX_BODY_BYTES:
+        # Checked before anything reads it: a 16 MB prompt would hold a worker for minutes.
+        raise RequestError(f"request body is {len(body)} bytes long; the limit is {MAX_BODY_BYTES}")
     if isinstance(body, (bytes, bytearray)):
         try:
             body = bytes(body).decode("utf-8")
@@ -275,12 +321,18 @@ def parse_body(body: Any, limits: Limits, defaults: Defaults) -> Request:
             if text[0] == "{":  # a broken JSON object; a prompt may well start with "[" though
                 raise RequestError(f"request body is not valid JSON: {e}") from None
             body = None
+        except RecursionError:
+            raise RequestError("request body is not valid JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer of more than 4,300 digits
+            raise RequestError(f"request body is not valid JSON: {show(str(e))}") from None
         if body is None:
-            job = make_job([text], {}, limits, defaults)
+            job = make_job([_text(text, "prompt")], {}, limits, defaults)
             _check_batch([job], limits)
             return Request(kind="text", jobs=[job])
     if isinstance(body, str):  # a JSON string: the prompt
-        return parse_body(body, limits, defaults)
+        job = make_job(_prompt_list(body, "prompt"), {}, limits, defaults)
+        _check_batch([job], limits)
+        return Request(kind="text", jobs=[job])
     if not isinstance(body, dict):
         raise RequestError(f"JSON body must be an object, got {type(body).__name__}")
     if "inputs" in body:
@@ -298,6 +350,18 @@ def parse_v1(instances: Any, limits: Limits, defaults: Defaults, *, enveloped: b
     jobs = [_job_from_object(inst, f"instances[{i}]", limits, defaults) for i, inst in enumerate(instances)]
     _check_batch(jobs, limits)
     return Request(kind="v1", jobs=jobs, enveloped=enveloped)
+
+
+def parse_safely(parse, *args, **kwargs) -> Request:
+    """Any request a parser chokes on is the client's error (a 400 for its row), never the worker's."""
+    try:
+        return parse(*args, **kwargs)
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError("request is nested too deeply") from None
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as e:
+        raise RequestError(f"malformed request: {show(f'{type(e).__name__}: {e}')}") from None
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
@@ -343,41 +407,3 @@ def parse_form(fields: dict, limits: Limits, defaults: Defaults) -> Request:
 
 def is_v2_tensor(item: Any) -> bool:
     return isinstance(item, dict) and "name" in item and "datatype" in item
-
-
-# ------------------------------------------------------------------------ responses
-
-
-def encode_png(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def format_response(request: Request, results: list, model_name: str, model_version: Optional[str], request_id: str):
-    """results: one (images_b64, seeds) pair per job."""
-    if request.kind in ("text", "json"):
-        images, seeds = results[0]
-        return {"images": images, "seeds": seeds}
-    if request.kind == "v1":
-        predictions = [{"images": images, "seeds": seeds} for images, seeds in results]
-        return predictions if request.enveloped else {"predictions": predictions}
-    images, seeds = results[0]
-    if request.enveloped:  # the kservev2 envelope builds one output tensor per returned item
-        return [images, seeds]
-    response = {
-        "model_name": model_name,
-        "id": request.request_id or request_id,
-        "outputs": [
-            {"name": "images", "datatype": "BYTES", "shape": [len(images)], "data": images,
-             "parameters": {"content_type": "base64"}},  # MLServer's name for base64-encoded bytes
-            {"name": "seeds", "datatype": "INT64", "shape": [len(seeds)], "data": seeds},
-        ],
-    }
-    if model_version:
-        response["model_version"] = model_version
-    return response
-
-
-def error_body(message: str) -> dict:
-    return {"code": 400, "type": "BadRequest", "message": message}

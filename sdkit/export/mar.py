@@ -31,6 +31,8 @@ HANDLER_NAME = "sdkit_handler.py"  # a distinctive module name: TorchServe impor
 # The handler's request parsing, shipped beside it under the name the handler imports.
 REQUESTS_SOURCE = Path(__file__).with_name("handler_requests.py")
 REQUESTS_NAME = "sdkit_requests.py"
+ANSWERS_SOURCE = Path(__file__).with_name("handler_answers.py")
+ANSWERS_NAME = "sdkit_answers.py"
 SERVE_CONFIG = "sdkit_serve.json"  # must match handler.SERVE_CONFIG
 MODEL_CONFIG = "model-config.yaml"
 # torch-model-archiver's --archive-format choices and what each writes (its `archiving_options`):
@@ -103,6 +105,7 @@ def export_mar(
             _place(Path(lora_file), stage / "lora" / LORA_FILE, link=link)
         shutil.copyfile(HANDLER_SOURCE, stage / HANDLER_NAME)
         shutil.copyfile(REQUESTS_SOURCE, stage / REQUESTS_NAME)
+        shutil.copyfile(ANSWERS_SOURCE, stage / ANSWERS_NAME)
         (stage / SERVE_CONFIG).write_text(json.dumps(serve_config, indent=2) + "\n")
         (stage / MODEL_CONFIG).write_text(model_config_yaml())
 

@@ -321,7 +321,7 @@ def test_caps(service, model_dir, body, message):
         (bytearray(b'{"prompt": '), "application/json", "request body is not valid JSON"),
         (bytearray(b"\xff\xfe"), "application/octet-stream", "not UTF-8"),
         ([1, 2], "application/json", "JSON body must be an object, got list"),
-        ({"promt": "a cat"}, "application/json", "unknown field 'promt' in JSON request; known fields: prompt,"),
+        ({"promt": "a cat"}, "application/json", "unknown field \"promt\" in JSON request; known fields: prompt,"),
         ({"steps": 2}, "application/json", "JSON request has no 'prompt'"),
         ({"prompt": ["a", "b"]}, "application/json", "'prompt' in JSON request must be a string"),
         ({"prompt": "   "}, "application/json", "'prompt' is empty"),
@@ -334,13 +334,13 @@ def test_caps(service, model_dir, body, message):
         ({"inputs": []}, "application/json", "v2 request: 'inputs' must be a non-empty list of tensors"),
         ({"inputs": [{"name": "prompt"}]}, "application/json", "inputs[0] must be an object with 'name'"),
         ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}, "application/json",
-         "input 'prompt' has shape [2] but 1 values"),
+         'input "prompt" has shape [2] but 1 values'),
         ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}, "application/json",
          "no input named 'prompt'"),
         ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "parameters": [1]},
          "application/json", "'parameters' must be an object"),
         ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
-          "parameters": {"stepz": 2}}, "application/json", "unknown field 'stepz' in v2 parameters"),
+          "parameters": {"stepz": 2}}, "application/json", 'unknown field "stepz" in v2 parameters'),
         ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]},
                      {"name": "negative_prompt", "datatype": "BYTES", "shape": [3], "data": ["x", "y", "z"]}]},
          "application/json", "3 negative prompts for 2 prompts"),
@@ -394,3 +394,86 @@ def test_sd3_sizes_follow_the_transformer_patch(tiny_sd3, tmp_path):
     assert service.limits.size_multiple == expected
     status, answer = call(service, tiny_sd3, {"prompt": "a cat", "steps": 1})
     assert status == 200 and len(pngs(answer["images"])) == 1
+
+
+# ------------------------------------------------------------------------ hostile values (issue 12, items 2 and 3)
+
+HOSTILE = [
+    ({"prompt": "a", "steps": "--5"}, "'steps' must be an integer"),
+    ({"prompt": "a", "steps": "\u00b2"}, "'steps' must be an integer"),
+    ({"prompt": "a", "seed": "9" * 5000}, "'seed' must be an integer"),
+    ('{"prompt": "a", "seed": ' + "9" * 5000 + "}", "not valid JSON"),
+    ('{"prompt": "a", "guidance": ' + "9" * 401 + "}", "'guidance' must be a number"),
+    ({"prompt": "a", "guidance": "9" * 401}, "'guidance' must be a number"),
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"prompt": "\\ud800"}', "lone surrogate"),
+    ({"prompt": "\ud800 cat"}, "lone surrogate"),
+    ({"prompt": "a", "x" * 5_000_000: 1}, "unknown field"),
+    ("a" * 20_000, "'prompt' is 20000 characters long; the limit is 10000"),
+    ('"' + "a" * 20_000 + '"', "'prompt' is 20000 characters long"),
+    ("a" * 2_000_000, "request body is 2000000 bytes long; the limit is"),
+    ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [-1, -1], "data": ["a"]}]}, "at most one dimension"),
+    ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "id": "i" * 1000}, "'id' must be"),
+    ({"inputs": [{"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [{"a": 1}]}]}, "'prompt' must be a string"),
+    ({"prompt": "a", "image_format": "jpeg"}, "'image_format' must be one of png, uint8, uint8-hwc"),
+]
+
+
+@pytest.mark.parametrize("body, message", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_values_get_a_short_400(service, model_dir, body, message, caplog):
+    content_type = "text/plain" if isinstance(body, str) and not body.startswith("{") else "application/json"
+    with caplog.at_level("INFO"):
+        status, answer = call(service, model_dir, body.encode() if isinstance(body, str) else body, content_type)
+    assert status == 400 and message in answer["message"], answer["message"][:300]
+    assert len(answer["message"]) < 600  # values are cut short in the answer ...
+    assert all(len(record.getMessage()) < 800 for record in caplog.records)  # ... and in the log
+
+
+def test_a_batch_of_hostile_rows_answers_400_for_those_rows_only(service, model_dir):
+    rows = [{"prompt": "good", "steps": 1}] + [b for b, _ in HOSTILE[:9]] + [{"prompt": "also good", "steps": 1}]
+    context = make_context(model_dir, len(rows))
+    answers = service.handle([{"body": b.encode() if isinstance(b, str) else b} for b in rows], context)
+    statuses = [context.get_response_status(i)[0] for i in range(len(rows))]
+    assert statuses == [200] + [400] * 9 + [200]
+    assert len(pngs(answers[0]["images"])) == 1 and len(pngs(answers[-1]["images"])) == 1
+
+
+# ------------------------------------------------------------------------ the seeds' own bodies and client
+
+SEED_BODY = {"id": "42", "inputs": [{"name": "input0", "datatype": "BYTES", "shape": [-1], "data": ["Photo of a dog"]}]}
+
+
+def seed_client_image(answer: dict) -> np.ndarray:
+    """The seeds' notebook line, verbatim apart from the variable names."""
+    outputs = answer["outputs"]
+    return np.asarray(Image.fromarray(np.array(outputs[0]["data"], dtype="uint8")))
+
+
+def test_the_seeds_body_and_client_line(service, model_dir):
+    status, answer = call(service, model_dir, SEED_BODY)  # dynamic shape, a lone BYTES input named input0
+    assert status == 200 and answer["id"] == "42"
+    [png] = pngs(assert_v2_response(answer)["images"]["data"])
+
+    body = {**SEED_BODY, "parameters": {"image_format": "uint8-hwc", "seed": answer["outputs"][1]["data"][0]}}
+    status, tensor = call(service, model_dir, body)
+    outputs = assert_v2_response(tensor)
+    assert status == 200 and outputs["images"]["datatype"] == "UINT8" and outputs["images"]["shape"] == [32, 32, 3]
+    np.testing.assert_array_equal(seed_client_image(tensor), png)  # the same pixels as the PNG
+
+    status, batch = call(service, model_dir, {**body, "parameters": {"image_format": "uint8", "seed": 1, "num_images": 2}})
+    outputs = assert_v2_response(batch)
+    assert outputs["images"]["shape"] == [2, 32, 32, 3] and np.array(outputs["images"]["data"]).shape == (2, 32, 32, 3)
+
+
+def test_uint8_answers_behind_the_kservev2_envelope(service, model_dir):
+    kservev2 = pytest.importorskip("ts.torch_handler.request_envelope.kservev2")
+    envelope = kservev2.KServev2Envelope(service.handle)
+    body = {**SEED_BODY, "inputs": SEED_BODY["inputs"] + [
+        {"name": "image_format", "datatype": "BYTES", "shape": [1], "data": ["uint8"]},
+        {"name": "seed", "datatype": "INT64", "shape": [-1], "data": [6]}]}
+    [answer] = envelope.handle([{"body": json.dumps(body).encode()}], make_context(model_dir))
+    answer = json.loads(json.dumps(answer))
+    images = assert_v2_response(answer)["images"]
+    assert images["datatype"] == "UINT8" and images["shape"] == [32 * 32 * 3]  # the envelope sends it flat
+    _, png = call(service, model_dir, {"prompt": "Photo of a dog", "seed": 6})
+    np.testing.assert_array_equal(np.array(images["data"], dtype="uint8").reshape(32, 32, 3), pngs(png["images"])[0])

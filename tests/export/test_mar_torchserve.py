@@ -78,6 +78,7 @@ def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
         serve = json.loads(z.read("sdkit_serve.json"))
         handler_source = z.read("sdkit_handler.py").decode()
         requests_source = z.read("sdkit_requests.py").decode()
+        answers_source = z.read("sdkit_answers.py").decode()
     assert manifest["model"] == {"modelName": "tiny", "handler": "sdkit_handler.py", "modelVersion": "1.0",
                                  "configFile": "model-config.yaml"}
     # The pipeline folder is in the archive as files: no model.zip inside the .mar, no pickles.
@@ -92,6 +93,7 @@ def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
     (tmp_path / "unpacked").mkdir()
     (tmp_path / "unpacked" / "sdkit_handler.py").write_text(handler_source)
     (tmp_path / "unpacked" / "sdkit_requests.py").write_text(requests_source)
+    (tmp_path / "unpacked" / "sdkit_answers.py").write_text(answers_source)
     code = "import sys; sys.modules['sdkit'] = sys.modules['ts'] = None; import sdkit_handler; print(sdkit_handler.handle)"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "unpacked", capture_output=True, text=True)
     assert result.returncode == 0 and "function handle" in result.stdout, result.stderr
@@ -165,7 +167,8 @@ def test_only_the_pipeline_is_shipped_and_pickles_are_converted(tiny_sd, tmp_pat
     (run / "samples" / "step-10.png").write_bytes(b"png")
     [archive, _] = export(run, tmp_path / "a", name="run", archive_format="no-archive")
     assert sorted(p.name for p in archive.iterdir()) == sorted(
-        ["MAR-INF", "model-config.yaml", "pipeline", "sdkit_handler.py", "sdkit_requests.py", "sdkit_serve.json"])
+        ["MAR-INF", "model-config.yaml", "pipeline", "sdkit_answers.py", "sdkit_handler.py", "sdkit_requests.py",
+         "sdkit_serve.json"])
 
     unet = UNet2DConditionModel.from_pretrained(run / "unet")
     shutil.rmtree(run / "unet")
