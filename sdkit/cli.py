@@ -144,7 +144,23 @@ def export(
     max_steps: int = typer.Option(50, "--max-steps", help="mar: cap on steps per request."),
     max_size: int = typer.Option(1024, "--max-size", help="mar: cap on width/height per request."),
     max_batch: int = typer.Option(4, "--max-batch", help="mar: cap on images per request."),
-    dtype: str = typer.Option("fp16", "--dtype", help="safetensors: fp16, bf16 or fp32."),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="fp16, bf16 or fp32 (safetensors default fp16; mar default: local safetensors as stored)."
+    ),
+    steps: Optional[int] = typer.Option(None, "--steps", help="mar: default steps of a request (30)."),
+    width: Optional[int] = typer.Option(None, "--width", help="mar: default width (the model's native size)."),
+    height: Optional[int] = typer.Option(None, "--height", help="mar: default height."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="mar: default guidance scale."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="mar: default negative prompt."),
+    image_format: str = typer.Option("png", "--image-format", help="mar: default answer: png, uint8 or uint8-hwc."),
+    refiner_start: float = typer.Option(0.8, "--refiner-start", help="mar: share of the steps before the refiner."),
+    refiner_steps: Optional[int] = typer.Option(None, "--refiner-steps", help="mar: refiner steps (default: the request's)."),
+    refiner_device: str = typer.Option("same", "--refiner-device", help="mar: same or cpu (keep the refiner off the GPU)."),
+    startup_timeout: int = typer.Option(1200, "--startup-timeout", help="mar: seconds TorchServe waits for the model to load."),
+    response_timeout: int = typer.Option(600, "--response-timeout", help="mar: seconds one request may take."),
+    no_requirements: bool = typer.Option(
+        False, "--no-requirements", help="mar: no requirements.txt / per-model pip install (the image has diffusers)."
+    ),
     single_file: bool = typer.Option(False, "--single-file", help="safetensors: one original-layout checkpoint."),
     lora_format: str = typer.Option("peft", "--lora-format", help="safetensors LoRA: peft (diffusers) or kohya."),
     fuse_lora: bool = typer.Option(False, "--fuse-lora", help="Merge the LoRA into the base weights."),
@@ -152,13 +168,20 @@ def export(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
 ):
     from sdkit.export.run import export_command
+    from sdkit.export.serve_settings import ServeSettings
     from sdkit.inference.default_model import use_model
 
+    settings = ServeSettings(
+        steps=steps, width=width, height=height, guidance=guidance, negative_prompt=negative_prompt,
+        image_format=image_format, refiner_start=refiner_start, refiner_steps=refiner_steps,
+        refiner_device=refiner_device, startup_timeout=startup_timeout, response_timeout=response_timeout,
+        requirements=not no_requirements,
+    )
     written = export_command(
         format=format, model=use_model(model).ref, out=str(out) if out else None, lora=lora, refiner=refiner, name=name, dtype=dtype,
         single_file=single_file, lora_format=lora_format, fuse_lora=fuse_lora, lora_scale=lora_scale,
         force=force, archive_format=archive_format, check=check, max_steps=max_steps, max_size=max_size,
-        max_batch=max_batch,
+        max_batch=max_batch, settings=settings,
     )
     for path in written or []:
         typer.echo(f"wrote {path}")

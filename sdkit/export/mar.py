@@ -24,6 +24,7 @@ from typing import Optional
 from sdkit.atomic import atomic_dir, atomic_write_path
 from sdkit.errors import UserError
 from sdkit.export.run import check_name, default_name
+from sdkit.export.serve_settings import ServeSettings, requirements_text
 from sdkit.inference.loading import LORA_FILE, ResolvedModel, local_lora_file, read_model_index, resolve_lora
 
 HANDLER_SOURCE = Path(__file__).with_name("handler.py")
@@ -35,16 +36,14 @@ ANSWERS_SOURCE = Path(__file__).with_name("handler_answers.py")
 ANSWERS_NAME = "sdkit_answers.py"
 SERVE_CONFIG = "sdkit_serve.json"  # must match handler.SERVE_CONFIG
 MODEL_CONFIG = "model-config.yaml"
+REQUIREMENTS = "requirements.txt"
 # torch-model-archiver's --archive-format choices and what each writes (its `archiving_options`):
 # a deflated zip, a zip that stores files as they are (fast for weights, which hardly compress),
 # a .tar.gz, or the unpacked folder.
 ARCHIVE_FORMATS = {"default": ".mar", "zip-store": ".mar", "tgz": ".tar.gz", "no-archive": ""}
 WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5", ".pb", ".safetensors")
 
-# Timeouts in seconds: loading SDXL from a network volume and a 50-step 1024 px batch take minutes.
-STARTUP_TIMEOUT = 1200
-RESPONSE_TIMEOUT = 600
-DEFAULT_STEPS = 30
+MAX_REQUEST_BYTES = 1024 * 1024 + 4096  # the handler's own body cap (handler_requests.MAX_BODY_BYTES) and headers
 MIN_RESPONSE_BYTES = 64 * 1024 * 1024  # TorchServe's default (6.5 MB) is too small for a batch of large PNGs
 
 # Where KServe's TorchServe runtime mounts the bucket, and the ports its wrapper expects.
@@ -72,17 +71,19 @@ def export_mar(
     max_batch: int = 4,
     force: bool = False,
     lora_scale: float = 1.0,
+    settings: Optional[ServeSettings] = None,
 ) -> list[Path]:
     """Write OUT/model-store/NAME.mar (or NAME/, NAME.tar.gz) and OUT/config/config.properties."""
     name, lora_file = _check_arguments(model, lora=lora, refiner=refiner, name=name, archive_format=archive_format,
                                        fuse_lora=fuse_lora, limits=(max_steps, max_size, max_batch))
+    settings = (settings or ServeSettings()).check(max_steps=max_steps, max_size=max_size, refiner=bool(refiner))
     out = Path(os.path.expanduser(str(out)))
     store, config_path = out / "model-store", out / "config" / "config.properties"
     archive = store / f"{name}{ARCHIVE_FORMATS[archive_format]}"
     existing = [p for p in (store / f"{name}{ext}" for ext in set(ARCHIVE_FORMATS.values())) if p.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]} already exists; pass --force to overwrite it")
-    manifest = _manifest(name)  # also fails early when torch-model-archiver is missing
+    manifest = _manifest(name, settings.requirements)  # also fails early when torch-model-archiver is missing
     store.mkdir(parents=True, exist_ok=True)
 
     serve_config = {
@@ -92,14 +93,15 @@ def export_mar(
         "lora": f"lora/{LORA_FILE}" if lora_file and not fuse_lora else None,
         "lora_scale": lora_scale,
         "limits": {"max_steps": max_steps, "max_size": max_size, "max_batch": max_batch},
-        "defaults": {"steps": min(DEFAULT_STEPS, max_steps)},
+        "defaults": settings.defaults(max_steps),
+        **(settings.refiner_config() if refiner else {}),
     }
 
     def fill(stage: Path, *, link: bool) -> None:
         stage_pipeline(model.base, stage / "pipeline", link=link, lora_file=lora_file if fuse_lora else None,
-                       lora_scale=lora_scale)
+                       lora_scale=lora_scale, dtype=settings.dtype)
         if refiner:
-            stage_pipeline(refiner, stage / "refiner", link=link)
+            stage_pipeline(refiner, stage / "refiner", link=link, dtype=settings.dtype)
         if serve_config["lora"]:
             (stage / "lora").mkdir()
             _place(Path(lora_file), stage / "lora" / LORA_FILE, link=link)
@@ -107,7 +109,9 @@ def export_mar(
         shutil.copyfile(REQUESTS_SOURCE, stage / REQUESTS_NAME)
         shutil.copyfile(ANSWERS_SOURCE, stage / ANSWERS_NAME)
         (stage / SERVE_CONFIG).write_text(json.dumps(serve_config, indent=2) + "\n")
-        (stage / MODEL_CONFIG).write_text(model_config_yaml())
+        (stage / MODEL_CONFIG).write_text(model_config_yaml(settings))
+        if settings.requirements:
+            (stage / REQUIREMENTS).write_text(requirements_text(peft=bool(serve_config["lora"])))
 
     _write_store(archive, name, archive_format, manifest, fill)
     for stale in existing:  # --force: a previous export of this name in another format goes too
@@ -115,7 +119,7 @@ def export_mar(
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     with atomic_write_path(config_path) as target:
         target.write_text(config_properties(name, archive.name, max_size=max_size, max_batch=max_batch,
-                                            previous=config_path))
+                                            previous=config_path, settings=settings))
     return [archive, config_path]
 
 
@@ -178,7 +182,8 @@ def _lora_file(lora: Optional[str], model: ResolvedModel) -> Optional[str]:
 # ------------------------------------------------------------------------ staging the files
 
 
-def stage_pipeline(source: str, dest: Path, *, link: bool, lora_file: Optional[str] = None, lora_scale: float = 1.0) -> None:
+def stage_pipeline(source: str, dest: Path, *, link: bool, lora_file: Optional[str] = None, lora_scale: float = 1.0,
+                   dtype: Optional[str] = None) -> None:
     """Put a loadable diffusers folder (safetensors only) at `dest`.
 
     A local folder whose weights are all plain safetensors is linked/copied file by file,
@@ -187,14 +192,14 @@ def stage_pipeline(source: str, dest: Path, *, link: bool, lora_file: Optional[s
     fuse) is loaded and saved again with safetensors.
     """
     folder = Path(os.path.expanduser(source))
-    if lora_file is None and folder.is_dir():
+    if lora_file is None and dtype is None and folder.is_dir():
         files = _plain_safetensors_files(folder)
         if files is not None:
             for rel in files:
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 _place(folder / rel, dest / rel, link=link)
             return
-    _resave_pipeline(source, dest, lora_file=lora_file, lora_scale=lora_scale)
+    _resave_pipeline(source, dest, lora_file=lora_file, lora_scale=lora_scale, dtype=dtype or "fp32")
 
 
 def _plain_safetensors_files(folder: Path) -> Optional[list[Path]]:
@@ -233,11 +238,11 @@ def _is_variant(filename: str) -> bool:
     return "." in stem
 
 
-def _resave_pipeline(source: str, dest: Path, *, lora_file: Optional[str], lora_scale: float) -> None:
+def _resave_pipeline(source: str, dest: Path, *, lora_file: Optional[str], lora_scale: float, dtype: str) -> None:
     from sdkit.export.safetensors import load_pipeline
 
     # A LoRA is fused into the weights: the served model needs no peft and runs at the base's speed.
-    pipe = load_pipeline(source, dtype="fp32", lora=lora_file, lora_scale=lora_scale)
+    pipe = load_pipeline(source, dtype=dtype, lora=lora_file, lora_scale=lora_scale)
     pipe.save_pretrained(dest, safe_serialization=True)
 
 
@@ -254,14 +259,15 @@ def _place(src: Path, dst: Path, *, link: bool) -> None:
 # ------------------------------------------------------------------------ archive and configs
 
 
-def _manifest(name: str) -> str:
+def _manifest(name: str, requirements: bool) -> str:
     try:
         from model_archiver.model_archiver_config import ModelArchiverConfig
         from model_archiver.model_packaging_utils import ModelExportUtils
     except ImportError:
         raise UserError("--format mar needs torch-model-archiver: pip install 'sdkit[serve]'") from None
 
-    config = ModelArchiverConfig(model_name=name, handler=HANDLER_NAME, version="1.0", config_file=MODEL_CONFIG)
+    config = ModelArchiverConfig(model_name=name, handler=HANDLER_NAME, version="1.0", config_file=MODEL_CONFIG,
+                                 requirements_file=REQUIREMENTS if requirements else None)
     return ModelExportUtils.generate_manifest_json(config)
 
 
@@ -272,7 +278,7 @@ def _write_archive(stage: Path, name: str, export_dir: Path, manifest: str, arch
     ModelExportUtils.archive(str(export_dir), name, str(stage), manifest, archive_format)
 
 
-def model_config_yaml() -> str:
+def model_config_yaml(settings: ServeSettings) -> str:
     """Per-model settings TorchServe reads from the archive when it is registered by hand."""
     return (
         "# One worker holds the whole pipeline in GPU memory; raise maxWorkers on larger GPUs.\n"
@@ -280,15 +286,17 @@ def model_config_yaml() -> str:
         "maxWorkers: 1\n"
         "batchSize: 1\n"
         "maxBatchDelay: 100\n"
-        f"responseTimeout: {RESPONSE_TIMEOUT}\n"
-        f"startupTimeout: {STARTUP_TIMEOUT}\n"
+        f"responseTimeout: {settings.response_timeout}\n"
+        f"startupTimeout: {settings.startup_timeout}\n"
     )
 
 
 def response_bytes(max_size: int, max_batch: int) -> int:
-    """Upper bound of one answer: max_batch incompressible RGB PNGs, base64 (4/3), plus JSON."""
-    png = max_size * max_size * 3 + max_size + 4096
-    return max_batch * (png * 4 // 3 + 64) + 65536
+    """Upper bound of one answer: max_batch incompressible RGB PNGs in base64 (4/3), or UINT8 tensors
+    as JSON numbers ("255, ": 5 characters a value, plus brackets), plus JSON around them."""
+    png = (max_size * max_size * 3 + max_size + 4096) * 4 // 3
+    tensor = max_size * max_size * 3 * 5 + max_size * max_size * 4 + max_size * 4
+    return max_batch * (max(png, tensor) + 64) + 65536
 
 
 def read_properties(path: Path) -> dict:
@@ -302,15 +310,17 @@ def read_properties(path: Path) -> dict:
     return props
 
 
-def config_properties(name: str, marname: str, *, max_size: int, max_batch: int, previous: Optional[Path] = None) -> str:
+def config_properties(name: str, marname: str, *, max_size: int, max_batch: int, previous: Optional[Path] = None,
+                      settings: Optional[ServeSettings] = None) -> str:
     """config.properties as KServe's TorchServe runtime expects it (model store at /mnt/models).
 
     Models of an earlier export into the same folder stay listed while their archive exists,
     so one bucket can hold several models.
     """
+    settings = settings or ServeSettings()
     entry = {
         "defaultVersion": True, "marName": marname, "minWorkers": 1, "maxWorkers": 1, "batchSize": 1,
-        "maxBatchDelay": 100, "responseTimeout": RESPONSE_TIMEOUT, "startupTimeout": STARTUP_TIMEOUT,
+        "maxBatchDelay": 100, "responseTimeout": settings.response_timeout, "startupTimeout": settings.startup_timeout,
     }
     models = {}
     max_response = max(response_bytes(max_size, max_batch), MIN_RESPONSE_BYTES)
@@ -337,14 +347,15 @@ def config_properties(name: str, marname: str, *, max_size: int, max_batch: int,
         "job_queue_size": "10",
         # KServe sets the request envelope (kserve / kservev2) through TS_SERVICE_ENVELOPE.
         "enable_envvars_config": "true",
-        # The handler needs only torch + diffusers (+ peft for a LoRA), already in the image.
-        "install_py_dep_per_model": "false",
+        # The stock KServe TorchServe image has torch but not diffusers/transformers: TorchServe installs
+        # the archive's requirements.txt at load (--no-requirements: for images that already have them).
+        "install_py_dep_per_model": "true" if settings.requirements else "false",
         # Requests are authenticated by KServe / the ingress, not by TorchServe's token.
         "disable_token_authorization": "true",
         "default_workers_per_model": "1",
-        "default_response_timeout": str(RESPONSE_TIMEOUT),
-        "default_startup_timeout": str(STARTUP_TIMEOUT),
-        "max_request_size": str(16 * 1024 * 1024),
+        "default_response_timeout": str(settings.response_timeout),
+        "default_startup_timeout": str(settings.startup_timeout),
+        "max_request_size": str(MAX_REQUEST_BYTES),
         "max_response_size": str(max_response),
         "model_store": KSERVE_MODEL_STORE,
         "load_models": ",".join(sorted(f"{n}={e[next(iter(e))]['marName']}" for n, e in models.items())),

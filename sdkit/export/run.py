@@ -74,7 +74,7 @@ def export_command(
     lora: Optional[str] = None,
     refiner: Optional[str] = None,
     name: Optional[str] = None,
-    dtype: str = "fp16",
+    dtype: Optional[str] = None,
     single_file: bool = False,
     lora_format: str = "peft",
     fuse_lora: bool = False,
@@ -85,13 +85,19 @@ def export_command(
     max_steps: int = 50,
     max_size: int = 1024,
     max_batch: int = 4,
+    settings=None,
 ) -> list[Path]:
-    """Export `model` (+ LoRA) in `format`; returns the paths written. Without `out`: export/NAME/."""
+    """Export `model` (+ LoRA) in `format`; returns the paths written. Without `out`: export/NAME/.
+
+    settings: a ServeSettings (generation defaults, refiner, timeouts, requirements) for --format mar.
+    dtype None: fp16 for safetensors; for mar, local safetensors as stored (others re-saved fp32).
+    """
     from sdkit.export.mar import ARCHIVE_FORMATS
     from sdkit.inference.loading import resolve_lora, resolve_model
 
     _choice(format, FORMATS, "--format")
-    _choice(dtype, DTYPES, "--dtype")
+    if dtype is not None:
+        _choice(dtype, DTYPES, "--dtype")
     _choice(lora_format, LORA_FORMATS, "--lora-format")
     _choice(archive_format, tuple(ARCHIVE_FORMATS), "--archive-format")
     if name is not None:
@@ -106,15 +112,23 @@ def export_command(
     out_path = Path(os.path.expanduser(out)) if out else DEFAULT_OUT / (name or default_name(resolved))
 
     if format == "mar":
+        from dataclasses import replace
+
+        from sdkit.export.serve_settings import ServeSettings
+
+        settings = replace(settings or ServeSettings(), dtype=dtype)
         return _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fuse_lora, lora_scale,
-                           check, max_steps, max_size, max_batch, force, single_file, lora_format)
+                           check, max_steps, max_size, max_batch, force, single_file, lora_format, settings)
+    if settings is not None and settings != _default_settings():
+        raise UserError("--steps/--width/--height/--guidance/--negative-prompt/--image-format/--refiner-*/"
+                        "--*-timeout/--no-requirements: only used with --format mar")
     if refiner:
         raise UserError("--refiner: only used with --format mar")
     if check:
         raise UserError("--check: only used with --format mar")
     if archive_format != "default":
         raise UserError("--archive-format: only used with --format mar")
-    return _export_safetensors(resolved, lora_ref, out_path, name=name, dtype=dtype, single_file=single_file,
+    return _export_safetensors(resolved, lora_ref, out_path, name=name, dtype=dtype or "fp16", single_file=single_file,
                                lora_format=lora_format, fuse_lora=fuse_lora, lora_scale=lora_scale, force=force)
 
 
@@ -162,6 +176,12 @@ def _export_safetensors(resolved, lora_ref: Optional[str], out_path: Path, *, na
                                    force=replace, model_card=card)
 
 
+def _default_settings():
+    from sdkit.export.serve_settings import ServeSettings
+
+    return ServeSettings()
+
+
 def _run_recipe(run_dir: Optional[str]):
     if not run_dir:
         return None
@@ -172,7 +192,7 @@ def _run_recipe(run_dir: Optional[str]):
 
 
 def _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fuse_lora, lora_scale, check,
-                max_steps, max_size, max_batch, force, single_file, lora_format) -> list[Path]:
+                max_steps, max_size, max_batch, force, single_file, lora_format, settings) -> list[Path]:
     if single_file:
         raise UserError("--single-file: only used with --format safetensors")
     if lora_format != "peft":
@@ -188,7 +208,7 @@ def _export_mar(resolved, lora_ref, refiner, out_path, name, archive_format, fus
     written = export_mar(
         resolved, lora=lora_ref, refiner=refiner, out=str(out_path), name=name, archive_format=archive_format,
         fuse_lora=fuse_lora, max_steps=max_steps, max_size=max_size, max_batch=max_batch, force=force,
-        lora_scale=lora_scale,
+        lora_scale=lora_scale, settings=settings,
     )
     if check:
         from sdkit.export.torchserve import check_archive

@@ -106,6 +106,9 @@ class LocalTorchServe:
             grpc_inference_port=str(grpc_inference),
             grpc_management_port=str(grpc_management),
             model_store=str(self.store),
+            # Per-model installs run `pip install -t` from an index; this Python already has the
+            # packages requirements.txt names (and a loopback check must not need the internet).
+            install_py_dep_per_model="false",
             model_snapshot=json.dumps(snapshot, separators=(",", ":")),
         )
         config = self.home / "config.properties"

@@ -80,7 +80,7 @@ def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
         requests_source = z.read("sdkit_requests.py").decode()
         answers_source = z.read("sdkit_answers.py").decode()
     assert manifest["model"] == {"modelName": "tiny", "handler": "sdkit_handler.py", "modelVersion": "1.0",
-                                 "configFile": "model-config.yaml"}
+                                 "configFile": "model-config.yaml", "requirementsFile": "requirements.txt"}
     # The pipeline folder is in the archive as files: no model.zip inside the .mar, no pickles.
     assert {"pipeline/model_index.json", "pipeline/unet/diffusion_pytorch_model.safetensors",
             "pipeline/vae/diffusion_pytorch_model.safetensors", "pipeline/text_encoder/model.safetensors",
@@ -101,12 +101,76 @@ def test_archive_layout_and_kserve_config(tiny_sd, tmp_path):
     props = read_properties(config)
     assert props["model_store"] == "/mnt/models/model-store"
     assert props["inference_address"] == "http://0.0.0.0:8085" and props["management_address"]
-    assert props["enable_envvars_config"] == "true" and props["install_py_dep_per_model"] == "false"
+    assert props["enable_envvars_config"] == "true" and props["install_py_dep_per_model"] == "true"
     assert int(props["default_response_timeout"]) >= 600 and int(props["default_startup_timeout"]) >= 600
     assert int(props["max_response_size"]) >= response_bytes(512, 2) > 2 * 512 * 512 * 3
     assert props["load_models"] == "tiny=tiny.mar"
     entry = snapshot(config)["models"]["tiny"]["1.0"]
     assert entry["marName"] == "tiny.mar" and entry["defaultVersion"] and entry["startupTimeout"] >= 600
+
+
+def test_requirements_dtype_defaults_and_timeouts_are_set_at_export(tiny_sd, tmp_path):
+    from importlib import metadata
+
+    from sdkit.export.run import export_command
+    from sdkit.export.serve_settings import ServeSettings
+
+    settings = ServeSettings(steps=4, width=48, height=40, guidance=3.5, negative_prompt="blurry",
+                             image_format="uint8-hwc", startup_timeout=2400, response_timeout=2400)
+    [fp16, config] = export_command(format="mar", model=str(tiny_sd), out=str(tmp_path / "a"), name="half",
+                                    dtype="fp16", max_steps=8, settings=settings)
+    [fp32, _] = export_command(format="mar", model=str(tiny_sd), out=str(tmp_path / "b"), name="full",
+                               archive_format="default")
+    assert 0.4 < fp16.stat().st_size / fp32.stat().st_size < 0.6  # the weights really are half precision
+    with zipfile.ZipFile(fp16) as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        requirements = z.read("requirements.txt").decode().splitlines()
+        serve = json.loads(z.read("sdkit_serve.json"))
+        model_config = z.read("model-config.yaml").decode()
+    assert manifest["model"]["requirementsFile"] == "requirements.txt"
+    assert f"diffusers=={metadata.version('diffusers')}" in requirements
+    assert f"transformers=={metadata.version('transformers')}" in requirements
+    assert not any(line.startswith(("torch", "peft")) for line in requirements)  # the image's own torch; no LoRA
+    assert serve["defaults"] == {"steps": 4, "width": 48, "height": 40, "guidance": 3.5, "negative_prompt": "blurry",
+                                 "image_format": "uint8-hwc"}
+    assert "responseTimeout: 2400" in model_config and "startupTimeout: 2400" in model_config
+    props = read_properties(config)
+    assert props["default_startup_timeout"] == "2400" and props["install_py_dep_per_model"] == "true"
+    assert int(props["max_request_size"]) < 2 * 1024 * 1024
+
+    [bare, config] = export_command(format="mar", model=str(tiny_sd), out=str(tmp_path / "c"), name="bare",
+                                    settings=ServeSettings(requirements=False))
+    with zipfile.ZipFile(bare) as z:
+        assert "requirements.txt" not in z.namelist()
+        assert "requirementsFile" not in json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+    assert read_properties(config)["install_py_dep_per_model"] == "false"
+
+
+def test_exported_defaults_are_what_requests_get(tiny_sd, tmp_path):
+    from sdkit.export.serve_settings import ServeSettings
+
+    settings = ServeSettings(steps=2, width=48, height=40, negative_prompt="blurry", image_format="uint8")
+    [archive, _] = export(tiny_sd, tmp_path, name="d", archive_format="no-archive", max_steps=3, settings=settings)
+    service = H.DiffusionService()
+    service.handle(None, make_context(archive))
+    assert service.defaults == H.Defaults(steps=2, width=48, height=40, guidance=None, negative_prompt="blurry",
+                                          image_format="uint8")
+    [answer] = service.handle([{"body": "a red circle"}], make_context(archive, content_type="text/plain"))
+    assert np.array(answer["images"], dtype="uint8").shape == (1, 40, 48, 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=9), "--steps: must be between 1 and --max-steps (3)"),
+    (dict(width=50), "--width: must be a multiple of 8"),
+    (dict(image_format="jpeg"), "--image-format: 'jpeg' is not one of"),
+    (dict(refiner_steps=2), "only used with --refiner"),
+    (dict(startup_timeout=0), "--startup-timeout: must be a positive number"),
+])
+def test_bad_serving_settings(tiny_sd, tmp_path, kwargs, message):
+    from sdkit.export.serve_settings import ServeSettings
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export(tiny_sd, tmp_path, max_steps=3, settings=ServeSettings(**kwargs))
 
 
 def test_existing_output_needs_force(tiny_sd, tmp_path):
@@ -167,8 +231,8 @@ def test_only_the_pipeline_is_shipped_and_pickles_are_converted(tiny_sd, tmp_pat
     (run / "samples" / "step-10.png").write_bytes(b"png")
     [archive, _] = export(run, tmp_path / "a", name="run", archive_format="no-archive")
     assert sorted(p.name for p in archive.iterdir()) == sorted(
-        ["MAR-INF", "model-config.yaml", "pipeline", "sdkit_answers.py", "sdkit_handler.py", "sdkit_requests.py",
-         "sdkit_serve.json"])
+        ["MAR-INF", "model-config.yaml", "pipeline", "requirements.txt", "sdkit_answers.py", "sdkit_handler.py",
+         "sdkit_requests.py", "sdkit_serve.json"])
 
     unet = UNet2DConditionModel.from_pretrained(run / "unet")
     shutil.rmtree(run / "unet")
