@@ -131,7 +131,7 @@ def evaluate(
 
 @app.command(help=with_loop("Export a TorchServe archive (.mar, KServe v2) or safetensors files other SD tools load."))
 def export(
-    format: str = typer.Option(..., "--format", help="mar (TorchServe/KServe) or safetensors."),
+    format: str = typer.Option(..., "--format", help="mar (TorchServe/KServe), kserve (sdkit serve image) or safetensors."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (or file with --single-file; default: export/NAME/)."
@@ -213,6 +213,30 @@ def ui(
     ui_command(models=model or [], runs=run or [], refiner=refiner, clip_model=clip_model, host=host, port=port,
                share=share, max_loaded=max_loaded, max_memory=max_memory, concurrency=concurrency, out=out,
                device=device, dtype=dtype)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    lora: Optional[str] = typer.Option(None, "--lora", help="LoRA file, folder or run folder (fused at load)."),
+    refiner: Optional[str] = typer.Option(None, "--refiner", help="SDXL refiner (hub id or folder)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name in the URLs (default: from the model)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 in a container)."),
+    port: int = typer.Option(8080, "--port", help="HTTP port."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes (each loads the model)."),
+    max_steps: int = typer.Option(50, "--max-steps", help="Cap on steps per request."),
+    max_size: int = typer.Option(1024, "--max-size", help="Cap on width/height per request."),
+    max_batch: int = typer.Option(4, "--max-batch", help="Cap on images per request."),
+    image_format: str = typer.Option("png", "--image-format", help="Default answer: png, uint8 or uint8-hwc."),
+):
+    """Serve a model over KServe's v1/v2 REST protocol (KServe's own Python model server, no Kubernetes)."""
+    from sdkit.export.serve_settings import ServeSettings
+    from sdkit.inference.default_model import use_model
+    from sdkit.serve.server import serve_command
+
+    serve_command(use_model(model).ref, lora=lora, refiner=refiner, name=name, host=host, port=port, workers=workers,
+                  max_steps=max_steps, max_size=max_size, max_batch=max_batch,
+                  settings=ServeSettings(image_format=image_format))
 
 
 @app.command()

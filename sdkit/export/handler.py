@@ -70,15 +70,17 @@ class DiffusionService:
 
     # -------------------------------------------------------------- loading
     def initialize(self, context) -> None:
+        props = getattr(context, "system_properties", None) or {}
+        model_dir = props.get("model_dir") or os.getcwd()
+        self.load(model_dir, read_serve_config(model_dir), props.get("gpu_id"))
+
+    def load(self, model_dir: str, config: dict, gpu_id=None) -> None:
+        """Load what `config` (sdkit_serve.json's fields; paths relative to model_dir) names; `sdkit serve` calls this."""
         import torch
         from diffusers import DiffusionPipeline
 
         started = time.perf_counter()
-        props = getattr(context, "system_properties", None) or {}
-        model_dir = props.get("model_dir") or os.getcwd()
-        config = read_serve_config(model_dir)
         if torch.cuda.is_available():
-            gpu_id = props.get("gpu_id")
             self.device = f"cuda:{gpu_id if gpu_id is not None else 0}"
             self.dtype = torch.float16
         else:

@@ -14,7 +14,7 @@ from typing import Optional
 
 from sdkit.errors import UserError
 
-FORMATS = ("mar", "safetensors")
+FORMATS = ("mar", "safetensors", "kserve")
 DTYPES = ("fp16", "bf16", "fp32")
 LORA_FORMATS = ("peft", "kohya")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -122,6 +122,17 @@ def export_command(
     if settings is not None and settings != _default_settings():
         raise UserError("--steps/--width/--height/--guidance/--negative-prompt/--image-format/--refiner-*/"
                         "--*-timeout/--no-requirements: only used with --format mar")
+    if format == "kserve":
+        if refiner or check or archive_format != "default":
+            raise UserError("--refiner/--check/--archive-format: only used with --format mar")
+        from sdkit.export.kserve import export_kserve
+
+        settings = settings or _default_settings()
+        settings.check(max_steps=max_steps, max_size=max_size, refiner=False)
+        return export_kserve(resolved, out_path, name=name or default_name(resolved),
+                             lora=_local_lora(lora_ref), lora_scale=lora_scale, dtype=dtype, max_steps=max_steps,
+                             max_size=max_size, max_batch=max_batch, image_format=settings.image_format,
+                             force=refuse_existing(out_path, force))
     if refiner:
         raise UserError("--refiner: only used with --format mar")
     if check:
@@ -174,6 +185,12 @@ def _export_safetensors(resolved, lora_ref: Optional[str], out_path: Path, *, na
     card = Path(resolved.run_dir) / writer.MODEL_CARD if resolved.run_dir else None
     return writer.export_diffusers(resolved.base, out_path, dtype=dtype, lora=fused, lora_scale=lora_scale,
                                    force=replace, model_card=card)
+
+
+def _local_lora(ref: Optional[str]) -> Optional[str]:
+    from sdkit.inference.loading import local_lora_file
+
+    return local_lora_file(ref) if ref else None
 
 
 def _default_settings():

@@ -25,7 +25,7 @@ from sdkit.export import handler as H
 from sdkit.export.mar import export_mar, read_properties, response_bytes
 from sdkit.inference.loading import resolve_model
 
-from test_handler import assert_v2_response, make_context, pngs
+from test_handler import HOSTILE, SEED_BODY, assert_v2_response, make_context, pngs, seed_client_image
 
 
 def export(model, out, **kwargs):
@@ -301,10 +301,35 @@ def _needs_torchserve():
 
 @pytest.fixture(scope="module")
 def store(tiny_sd, tmp_path_factory):
-    """A tiny model exported as the issue asks: 2 steps at 32x32 by default."""
+    """One store, two models, one server per test: `tiny` (2 steps at 32x32 by default, PNG answers)
+    and `seeds`, exported for the seeds' client (UINT8 [H, W, 3] answers) and batching 3 requests."""
+    from sdkit.export.serve_settings import ServeSettings
+
     out = tmp_path_factory.mktemp("store")
     export(tiny_sd, out, name="tiny", max_steps=2, max_size=64, max_batch=4)
+    export(tiny_sd, out, name="seeds", max_steps=2, max_size=64, max_batch=4,
+           settings=ServeSettings(image_format="uint8-hwc"))
+    config = out / "config" / "config.properties"
+    props = read_properties(config)
+    models = json.loads(props["model_snapshot"])
+    models["models"]["seeds"]["1.0"].update(batchSize=3, maxBatchDelay=1500)  # TorchServe batches rows together
+    props["model_snapshot"] = json.dumps(models, separators=(",", ":"))
+    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
     return out
+
+
+def _post_many(server, path: str, bodies: list) -> list:
+    """All at once, so that TorchServe puts them into the same batches; returns the HTTP statuses and answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(body):
+        if isinstance(body, str) and not body.startswith("{"):
+            return server.request("POST", server.inference_url + path, body.encode(), "text/plain")[:2]
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        return server.request("POST", server.inference_url + path, data, "application/json")[:2]
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(post, bodies))
 
 
 def _json(body: bytes):
@@ -359,6 +384,27 @@ def test_torchserve_serves_every_request_shape(store):
         status, body, _ = server.request("POST", server.inference_url + "/predictions/tiny", b"a cat")  # form-encoded
         assert status == 400 and "Content-Type: text/plain" in _json(body)["message"]
 
+        # The seeds' exact body, raw (their runtime sets no envelope), and their client's decoding line.
+        status, body, _ = server.post_json("/v2/models/seeds/infer", SEED_BODY)
+        assert status == 200, body
+        answer = _json(body)
+        image = seed_client_image(answer)
+        assert image.shape == (32, 32, 3) and answer["id"] == "42"
+        status, body, _ = server.post_json("/predictions/tiny", {"prompt": "Photo of a dog", "seed": answer["outputs"][1]["data"][0]})
+        np.testing.assert_array_equal(image, pngs(_json(body)["images"])[0])  # the same pixels as sdkit's PNG
+
+        # Hostile rows batched with good ones (batchSize 3): 400 for each bad row only, 200 for the good.
+        hostile = [b for b, _ in HOSTILE if len(b if isinstance(b, str) else json.dumps(b)) < 1024 * 1024]
+        good = [{"prompt": "good", "steps": 1}, "good text"]
+        for start in range(0, len(hostile), 4):  # 6 at a time: TorchServe's job queue holds 10
+            chunk = hostile[start:start + 4]
+            results = _post_many(server, "/predictions/seeds", good[:1] + chunk + good[1:])
+            codes = [code for code, _ in results]
+            assert codes == [200] + [400] * len(chunk) + [200], [r[1][:200] for r in results]
+            assert all(len(answer) < 1000 for _, answer in results[1:-1])  # echoed values cut short
+        status, body, _ = server.post_text("/predictions/seeds", "a" * 2_000_000)
+        assert status == 413  # over max_request_size: TorchServe's frontend refuses it before any worker
+
         status, body, _ = server.post_text("/predictions/tiny", "still serving")  # the worker survived
         assert status == 200 and len(pngs(_json(body)["images"])) == 1
         assert _own_processes(home)  # sanity: the search below does find TorchServe while it runs
@@ -382,6 +428,15 @@ def test_torchserve_with_kservev2_envelope(store):
         outputs = assert_v2_response(answer)
         assert answer["id"] == "env-1" and len(pngs(outputs["images"]["data"])) == 2
         assert outputs["seeds"]["data"] == [1, 2]
+        # The seeds' body through the envelope: 200; UINT8 pixels come back flat (the envelope flattens).
+        status, body, _ = server.post_json("/v2/models/seeds/infer", SEED_BODY)
+        assert status == 200, body
+        [images, seeds] = _json(body)["outputs"]
+        assert images["datatype"] == "UINT8" and images["shape"] == [32 * 32 * 3]
+        tensor_image = np.array(images["data"], dtype="uint8").reshape(32, 32, 3)
+        status, body, _ = server.post_json("/v2/models/tiny/infer", {**SEED_BODY, "parameters": {"seed": seeds["data"][0]}})
+        assert status == 200, body
+        np.testing.assert_array_equal(tensor_image, pngs(_json(body)["outputs"][0]["data"])[0])
         bad = {"inputs": [request["inputs"][0], {"name": "steps", "datatype": "INT32", "shape": [1], "data": [50]}]}
         status, body, _ = server.post_json("/v2/models/tiny/infer", bad)
         assert status == 400 and "'steps' must be between 1 and 2" in _json(body)["message"]

@@ -1,0 +1,61 @@
+"""The whole pipeline as a `kserve.Model`: the TorchServe handler's service behind KServe's routes.
+
+Requests go through the handler's own parser (sdkit.export.handler_requests) and answers through
+its formatter (handler_answers): one parser for `.mar` and `sdkit serve`, so caps and errors match.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import kserve
+from kserve.errors import InvalidInput
+
+from sdkit.export.handler import DiffusionService
+from sdkit.export.handler_answers import format_response
+from sdkit.export.handler_requests import RequestError, parse_body, parse_safely, parse_v2, show
+
+logger = logging.getLogger("sdkit.serve")
+
+
+def v2_body(request) -> dict:
+    """KServe's parsed InferRequest back into the v2 JSON body the shared parser reads."""
+    return {
+        "id": request.id,
+        "inputs": [{"name": i.name, "datatype": i.datatype, "shape": list(i.shape), "data": i.data}
+                   for i in request.inputs],
+        "parameters": dict(request.parameters or {}),
+    }
+
+
+class ServedPipeline(kserve.Model):
+    """One text-to-image pipeline; `config` holds sdkit_serve.json's fields with absolute paths."""
+
+    def __init__(self, name: str, config: dict):
+        super().__init__(name)
+        self.config = config
+        self.service = DiffusionService()
+
+    def load(self) -> bool:
+        self.service.load("/", self.config)
+        self.service.initialized = True
+        self.ready = True
+        return self.ready
+
+    async def predict(self, payload: Any, headers: Optional[dict] = None, response_headers: Optional[dict] = None):
+        started = time.perf_counter()
+        try:
+            if isinstance(payload, kserve.InferRequest):
+                request = parse_safely(parse_v2, v2_body(payload), self.service.limits, self.service.defaults)
+            else:  # v1 JSON (a dict) or a plain-text body (bytes)
+                request = parse_safely(parse_body, payload, self.service.limits, self.service.defaults)
+        except RequestError as e:
+            logger.info("bad request: %s", e)
+            raise InvalidInput(str(e)) from None  # KServe answers 400 {"error": message}
+        results = [self.service.generate(job) for job in request.jobs]
+        logger.info("sdkit serve: %s %s request, %d image(s), whole %.3f s", self.name, request.kind,
+                    sum(job.image_count for job in request.jobs), time.perf_counter() - started)
+        request_id = request.request_id or (headers or {}).get("x-request-id") or "request"
+        return format_response(request, results, self.name, None, show(request_id).strip('"'))

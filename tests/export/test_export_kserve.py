@@ -1,0 +1,27 @@
+"""`sdkit export --format kserve`: the model folder, a Dockerfile running `sdkit serve`, an InferenceService."""
+
+from __future__ import annotations
+
+import yaml
+
+from sdkit.export.run import export_command
+
+
+def test_kserve_export_writes_what_a_cluster_needs(tiny_sd, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "kserve"
+    written = export_command(format="kserve", model=str(tiny_sd), out=str(out), name="tiny", dtype="fp16",
+                             max_steps=20, max_size=512)
+    assert written[0] == out
+    pipe = DiffusionPipeline.from_pretrained(out / "model")  # a loadable diffusers folder, fp16 as asked
+    assert str(pipe.unet.dtype) == "torch.float16"
+    assert (out / "app" / "sdkit" / "serve" / "server.py").is_file() and (out / "app" / "pyproject.toml").is_file()
+    dockerfile = (out / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["sdkit", "serve", "/models/tiny", "--name", "tiny", "--host", "0.0.0.0", "--port", "8080"' in dockerfile
+    assert '"--max-steps", "20"' in dockerfile and 'pip install --no-cache-dir "/app[serve]"' in dockerfile
+    service = yaml.safe_load((out / "inference-service.yaml").read_text())
+    assert service["kind"] == "InferenceService"
+    [container] = service["spec"]["predictor"]["containers"]
+    assert container["ports"][0]["containerPort"] == 8080
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/tiny/ready"

@@ -1,0 +1,122 @@
+"""`sdkit serve` on KServe's own model server, started for real on 127.0.0.1 (one server per module).
+
+The same request parser as the TorchServe handler: the same caps and messages, 400 for bad values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("kserve")
+sys.path.insert(0, str(Path(__file__).parents[1] / "export"))
+from test_handler import HOSTILE, SEED_BODY, assert_v2_response, pngs, seed_client_image  # noqa: E402
+
+from sdkit.export.torchserve import free_ports  # noqa: E402
+
+pytestmark = pytest.mark.slow  # a server start is ~10 s on an idle machine
+
+
+def post(url: str, body, content_type: str = "application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def without_nulls(value):
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return [without_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sd, tmp_path_factory):
+    [port] = free_ports(1)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "sdkit", "serve", str(tiny_sd), "--name", "tiny", "--port", str(port),
+           "--max-steps", "3", "--max-size", "64"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while get(f"{url}/v2/models/tiny/ready") != 200:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"sdkit serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url, log
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def test_health_and_every_protocol(server):
+    url, log = server
+    assert get(f"{url}/v2/health/live") == 200 and get(f"{url}/v2/health/ready") == 200
+    assert get(f"{url}/v1/models/tiny") == 200
+
+    status, answer = post(f"{url}/v1/models/tiny:predict", {"instances": ["a cat", {"prompt": "a dog", "seed": 3}]})
+    assert status == 200, answer
+    assert [len(pngs(p["images"])) for p in answer["predictions"]] == [1, 1] and answer["predictions"][1]["seeds"] == [3]
+
+    status, answer = post(f"{url}/v1/models/tiny:predict", b"a red circle", "text/plain")
+    assert status == 200, answer
+    assert len(pngs(answer["images"])) == 1
+
+    status, answer = post(f"{url}/v2/models/tiny/infer", SEED_BODY)  # the seeds' body
+    assert status == 200, answer
+    # KServe's own response model writes absent optional fields as null; the protocol omits them.
+    outputs = assert_v2_response(without_nulls(answer))
+    assert answer["id"] == "42" and answer["model_name"] == "tiny"
+    [png] = pngs(outputs["images"]["data"])
+    seed = outputs["seeds"]["data"][0]
+
+    status, answer = post(f"{url}/v2/models/tiny/infer",
+                          {**SEED_BODY, "parameters": {"image_format": "uint8-hwc", "seed": seed}})
+    assert status == 200, answer
+    np.testing.assert_array_equal(seed_client_image(answer), png)  # the seeds' client line, same pixels
+    assert "whole" in log.read_text()  # each request's time is logged
+
+
+def test_bad_values_get_the_handlers_400(server):
+    url, _ = server
+    for body, message in HOSTILE:
+        if len(body if isinstance(body, str) else json.dumps(body)) > 1024 * 1024:
+            continue
+        if isinstance(body, dict) and "inputs" in body:
+            status, answer = post(f"{url}/v2/models/tiny/infer", body)
+        elif isinstance(body, str) and not body.startswith("{"):
+            status, answer = post(f"{url}/v1/models/tiny:predict", body.encode(), "text/plain")
+        else:
+            status, answer = post(f"{url}/v1/models/tiny:predict", body.encode() if isinstance(body, str) else body)
+        assert status == 400, (body if len(str(body)) < 200 else str(body)[:200], answer)
+        assert len(json.dumps(answer)) < 1000
+    status, answer = post(f"{url}/v1/models/tiny:predict", {"prompt": "a", "steps": 9})
+    assert status == 400 and "'steps' must be between 1 and 3 (this model's limit), got 9" in answer["error"]
