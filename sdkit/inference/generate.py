@@ -265,6 +265,11 @@ class PhaseTimer:
         self._patched.append(vae)
 
     # -- measuring
+    def reset(self) -> None:
+        """Start counting afresh (`sdkit serve` times each request)."""
+        self.totals = dict.fromkeys(PHASES, 0.0)
+        self._loop_end, self._starts = None, {}
+
     def sync(self) -> None:
         import torch
 

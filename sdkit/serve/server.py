@@ -67,10 +67,22 @@ def serve_command(model: str, *, host: str = "127.0.0.1", port: int = 8080, work
         import kserve  # noqa: F401
     except ImportError:
         raise UserError("sdkit serve needs KServe: pip install 'sdkit[serve]'") from None
+    _log_to_stderr()
     models = build_models(model, name=name, **kwargs)
     for m in models:
         m.load()
     start_server(models, host=host, port=port, workers=workers)
+
+
+def _log_to_stderr() -> None:
+    """sdkit's own lines (per-request timings, bad requests) beside KServe's, which configures only its loggers."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+    for name in ("sdkit", "sdkit_handler"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def start_server(models: list, *, host: str, port: int, workers: int = 1) -> None:

@@ -102,7 +102,8 @@ def test_health_and_every_protocol(server):
                           {**SEED_BODY, "parameters": {"image_format": "uint8-hwc", "seed": seed}})
     assert status == 200, answer
     np.testing.assert_array_equal(seed_client_image(answer), png)  # the seeds' client line, same pixels
-    assert "whole" in log.read_text()  # each request's time is logged
+    timings = [line for line in log.read_text().splitlines() if "sdkit serve: tiny" in line]
+    assert timings and all(part in timings[-1] for part in ("text encoding", "denoising", "VAE decoding", "whole"))
 
 
 def test_bad_values_get_the_handlers_400(server):
@@ -120,3 +121,18 @@ def test_bad_values_get_the_handlers_400(server):
         assert len(json.dumps(answer)) < 1000
     status, answer = post(f"{url}/v1/models/tiny:predict", {"prompt": "a", "steps": 9})
     assert status == 400 and "'steps' must be between 1 and 3 (this model's limit), got 9" in answer["error"]
+
+
+def test_client_generate_and_bench(server):
+    from sdkit.serve.client import ServerError, bench, generate
+
+    url, _ = server
+    [image], seeds = generate(url, "tiny", "a red circle", seed=5, steps=2)
+    [tensor_image], _ = generate(url, "tiny", "a red circle", seed=5, steps=2, image_format="uint8")
+    assert seeds == [5] and image.size == (32, 32)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(tensor_image))
+    with pytest.raises(ServerError, match="'steps' must be between 1 and 3"):
+        generate(url, "tiny", "a", steps=9)
+    report = bench(url, "tiny", "a red circle", n=2, concurrency=2, steps=1)
+    assert 0 < report["sequential"]["p50"] <= report["sequential"]["p95"]
+    assert report["concurrency 2"]["requests/s"] > 0
