@@ -7,7 +7,7 @@ LoRA) are installed, so it imports nothing from sdkit, and nothing from `ts` at 
 TorchServe calls the module-level `handle(data, context)`: once with `data=None` when the
 worker starts (the pipeline loads then, once) and then once per batch of requests.
 
-Requests (answered with base64-encoded PNGs):
+Requests (answered with base64-encoded PNGs, or UINT8 pixel tensors with image_format uint8/uint8-hwc):
 - plain text: the body is the prompt;
 - form fields (prompt=...&steps=...), the same fields as JSON;
 - JSON: {"prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "num_images"}
@@ -20,9 +20,9 @@ Behind TorchServe's `kserve`/`kservev2` envelopes (KServe sets TS_SERVICE_ENVELO
 parses and formats the body; the handler gets the instances / input tensors and returns bare values.
 
 Each image's seed is returned: generating that seed alone (num_images 1) gives the same image.
-Steps, size and images per request are capped by the limits written at export, so one request
-cannot take the server down; a malformed request gets a 400 naming what is wrong and the worker
-keeps serving.
+Steps, size and images per request are capped by the limits written at export, bodies of every
+form by size, so one request cannot take the server down; a malformed request gets a 400 naming
+what is wrong (values cut short) for its own row only, and the worker keeps serving.
 """
 
 from __future__ import annotations

@@ -434,7 +434,9 @@ def test_torchserve_with_kservev2_envelope(store):
         [images, seeds] = _json(body)["outputs"]
         assert images["datatype"] == "UINT8" and images["shape"] == [32 * 32 * 3]
         tensor_image = np.array(images["data"], dtype="uint8").reshape(32, 32, 3)
-        status, body, _ = server.post_json("/v2/models/tiny/infer", {**SEED_BODY, "parameters": {"seed": seeds["data"][0]}})
+        # The envelope drops v2 `parameters`: settings go as input tensors.
+        seed = {"name": "seed", "datatype": "INT64", "shape": [1], "data": [seeds["data"][0]]}
+        status, body, _ = server.post_json("/v2/models/tiny/infer", {**SEED_BODY, "inputs": SEED_BODY["inputs"] + [seed]})
         assert status == 200, body
         np.testing.assert_array_equal(tensor_image, pngs(_json(body)["outputs"][0]["data"])[0])
         bad = {"inputs": [request["inputs"][0], {"name": "steps", "datatype": "INT32", "shape": [1], "data": [50]}]}
