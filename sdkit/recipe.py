@@ -76,11 +76,22 @@ class DataConfig(_Section):
     cache: bool = Field(
         True, description="Cache latents and text embeddings on disk when the encoders are frozen."
     )
+    buckets: bool = Field(
+        False, description="Aspect-ratio buckets of about resolution^2 pixels; false: one square of resolution."
+    )
+    bucket_step: Optional[int] = Field(
+        None, ge=8, description="Bucket sides are multiples of this; default: the family's (SD 8, SDXL 64, SD3 16)."
+    )
+    max_aspect: float = Field(2.0, ge=1.0, description="Largest bucket aspect ratio (long side / short side).")
+    min_side: Optional[int] = Field(None, ge=8, description="Smallest bucket side in pixels (default: no limit).")
+    max_side: Optional[int] = Field(None, ge=8, description="Largest bucket side in pixels (default: resolution x max_aspect).")
 
     @model_validator(mode="after")
     def _multiple_of_8(self):
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        if self.min_side and self.max_side and self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
         return self
 
 
@@ -199,6 +210,10 @@ class Recipe(_Section):
         if not self.data.center_crop:
             return "random crops change the pixels every epoch (data.center_crop=false)"
         return None
+
+    def bucket_step(self, family_step: int) -> int:
+        """Step of the bucket sides: data.bucket_step, or the family's own (`Family.bucket_step`)."""
+        return self.data.bucket_step or family_step
 
     @property
     def cache_used(self) -> bool:

@@ -38,6 +38,7 @@ class Family:
     objective: ClassVar[str] = "ddpm"  # "ddpm" or "flow"
     latent_channels: ClassVar[int] = 4
     size_multiple: ClassVar[int] = 8  # image sides must be multiples of this (VAE factor x denoiser patch)
+    bucket_step: ClassVar[int] = 8  # default step of aspect-ratio bucket sides (a multiple of size_multiple)
     text_tokens: ClassVar[int] = CLIP_TOKENS  # length of the denoiser's text input in training
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -68,6 +69,13 @@ class Family:
         for key in sorted(family_keys):
             if recipe.differs_from_default(key):
                 problems.append(f"{key}: does not apply to {cls.name} models (got {recipe.get(key)!r})")
+        if recipe.data.buckets:
+            step = recipe.bucket_step(cls.bucket_step)
+            if step % cls.size_multiple:
+                problems.append(f"data.bucket_step: {cls.name} models need a multiple of {cls.size_multiple}, got {step}")
+            elif step > res:
+                problems.append(f"data.bucket_step: {step} is larger than data.resolution {res}; "
+                                f"set data.bucket_step to a divisor of it")
         if recipe.model.refiner and not cls.refiner_capable:
             problems.append(f"model.refiner: {cls.name} models take no refiner")
         return problems
@@ -199,11 +207,13 @@ class Family:
 
     @classmethod
     def example_extras(cls, batch: int, resolution: int) -> dict[str, "torch.Tensor"]:
-        """Per-image values besides pixels and captions that `conditioning` reads from a batch."""
+        """Per-image values besides pixels and captions that `conditioning` reads from a batch:
+        original (h, w), crop (top, left) and the bucket's (h, w) as the target size."""
         import torch
 
         sizes = torch.full((batch, 2), resolution, dtype=torch.long)
-        return {"original_size": sizes, "crop_top_left": torch.zeros(batch, 2, dtype=torch.long)}
+        return {"original_size": sizes, "crop_top_left": torch.zeros(batch, 2, dtype=torch.long),
+                "target_size": sizes.clone()}
 
     # --- pipelines ------------------------------------------------------------
     def pipeline(self, **replace) -> Any:

@@ -25,6 +25,7 @@ class StableDiffusion3(Family):
     objective = "flow"
     latent_channels = 16
     size_multiple = 16  # VAE factor 8 x the transformer's 2x2 patches
+    bucket_step = 16
     extra_recipe_keys = ("model.load_t5",)
     # Joint attention: image stream (to_*) and text stream (add_*/to_add_out) projections.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")

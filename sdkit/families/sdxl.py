@@ -16,12 +16,15 @@ from sdkit.families.sd import clip_token_ids, cross_attention_width
 TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 
 
-def time_ids(original_size, crop_top_left, target_size: int):
-    """[B, 6] float: (orig h, orig w, crop top, crop left, target h, target w) per image."""
+def time_ids(original_size, crop_top_left, target_size):
+    """[B, 6] float: (orig h, orig w, crop top, crop left, target h, target w) per image.
+    target_size: [B, 2] (each image's bucket), or one int for a square target."""
     import torch
 
-    target = torch.tensor([target_size, target_size], dtype=torch.long).expand(original_size.shape[0], 2)
-    return torch.cat([original_size.long(), crop_top_left.long(), target], dim=1).float()
+    if isinstance(target_size, int):
+        target_size = torch.tensor([target_size, target_size], dtype=torch.long).expand(original_size.shape[0], 2)
+    return torch.cat([original_size.long(), crop_top_left.long(), target_size.long().to(original_size.device)],
+                     dim=1).float()
 
 
 class StableDiffusionXL(Family):
@@ -31,6 +34,7 @@ class StableDiffusionXL(Family):
     all_text_encoder_attrs = text_encoder_attrs
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     refiner_capable = True
+    bucket_step = 64  # what SDXL users expect of buckets (kohya, SimpleTuner)
 
     @classmethod
     def upcasts_vae(cls, precision, vae_config):
@@ -88,7 +92,7 @@ class StableDiffusionXL(Family):
     # --- denoising ------------------------------------------------------------
     def conditioning(self, text, batch, resolution):
         pooled = text["pooled_prompt_embeds"]
-        ids = time_ids(batch["original_size"], batch["crop_top_left"], resolution)
+        ids = time_ids(batch["original_size"], batch["crop_top_left"], batch.get("target_size", resolution))
         return {
             "encoder_hidden_states": text["prompt_embeds"],
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids.to(pooled.device, pooled.dtype)},

@@ -96,16 +96,22 @@ class Data:
 
 
 def build_data(recipe, family, family_name: str, dtype, accelerator, *, log: Callable, progress: Callable) -> Data:
-    """Records, transforms, the latent cache when it applies, this rank's sampler and loader.
+    """Records, transforms, the latent cache when it applies, this rank's batch sampler and
+    loader; the main process writes buckets.json into the run folder.
     `progress()` returns a rich progress bar (a context manager) for the cache build."""
     from torch.utils.data import DataLoader
 
-    from sdkit.training.data import load_records
-    from sdkit.training.samples import EpochSampler, TrainDataset, collate
+    from sdkit.training.samples import collate
 
     acc = accelerator
-    records = load_records(recipe.data, log=log, progress=acc.is_main_process)
-    dataset = TrainDataset(records, recipe.data, seed=recipe.train.seed)
+    dataset, sampler = plan_data(recipe, family_name, log=log, rank=acc.process_index, world_size=acc.num_processes,
+                                 progress=acc.is_main_process)
+    if acc.is_main_process and recipe.data.buckets:
+        from sdkit.training.buckets import table, write_buckets_json
+
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        write_buckets_json(Path(recipe.output_dir) / "buckets.json", [r.name for r in dataset.records], dataset.placements())
+        log(table(dataset.placements(), bucket_batches(dataset, sampler)))
     collate_fn, cached, build_s = collate, False, 0.0
     if recipe.data.cache:
         reason = recipe.cache_blocker()
@@ -115,12 +121,33 @@ def build_data(recipe, family, family_name: str, dtype, accelerator, *, log: Cal
             started = time.perf_counter()
             dataset, collate_fn = _cached(recipe, family, family_name, dtype, dataset, acc, log, progress)
             cached, build_s = True, time.perf_counter() - started
-    sampler = EpochSampler(len(dataset), recipe.train.batch_size, seed=recipe.train.seed,
-                           rank=acc.process_index, world_size=acc.num_processes)
-    loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler, collate_fn=collate_fn,
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                         num_workers=recipe.data.num_workers, pin_memory=acc.device.type == "cuda",
                         persistent_workers=False)
     return Data(loader, sampler, dataset, cached, build_s)
+
+
+def plan_data(recipe, family_name: str, *, log: Callable = print, rank: int = 0, world_size: int = 1,
+              progress: bool = True):
+    """The run's TrainDataset (records placed in their buckets) and this rank's batch sampler;
+    what `train --dry-run` and `sdkit data check` report, without loading a model."""
+    from sdkit.families import family_class
+    from sdkit.training.batches import BucketBatchSampler
+    from sdkit.training.buckets import run_buckets
+    from sdkit.training.data import load_records
+    from sdkit.training.samples import TrainDataset
+
+    records = load_records(recipe.data, log=log, progress=progress)
+    buckets = run_buckets(recipe.data, recipe.bucket_step(family_class(family_name).bucket_step))
+    dataset = TrainDataset(records, recipe.data, seed=recipe.train.seed, buckets=buckets)
+    sampler = BucketBatchSampler(dataset.bucket_ids(), recipe.train.batch_size, seed=recipe.train.seed,
+                                 rank=rank, world_size=world_size)
+    return dataset, sampler
+
+
+def bucket_batches(dataset, sampler) -> dict:
+    """Micro-batches per epoch of each bucket size, on each rank."""
+    return {dataset.buckets[b]: n for b, n in sampler.batches_in_bucket().items()}
 
 
 def _cached(recipe, family, family_name, dtype, dataset, acc, log, progress):
@@ -134,7 +161,9 @@ def _cached(recipe, family, family_name, dtype, dataset, acc, log, progress):
             cache.build(family, dataset, rank=acc.process_index, world_size=acc.num_processes,
                         on_progress=lambda done, total: bar.update(task, completed=done))
     acc.wait_for_everyone()
-    log(f"latent cache: {cache.root} ({todo} encoded on this process, the rest reused)")
+    pruned = cache.prune(dataset) if acc.is_main_process else 0
+    log(f"latent cache: {cache.root} ({todo} encoded on this process, the rest reused"
+        + (f", {pruned} stale entries removed)" if pruned else ")"))
     # Encoders are idle while training from the cache: keep them off the accelerator.
     for module in family.frozen_modules():
         module.to("cpu")

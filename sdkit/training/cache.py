@@ -2,9 +2,11 @@
 
 Valid when the VAE and text encoders are frozen and the pixels of a sample do not change
 between epochs (center crop; each flip variant is cached separately). Files are safetensors
-under a folder keyed by everything that changes the encoders' output (model, VAE, dtype,
-resolution, crop); each sample's file name carries a digest of its image identity and
-caption, so a changed caption or image is encoded again.
+under a folder keyed by the encoders (model, VAE, dtype); each sample's file is named by a
+digest of what makes its tensors: the image's content (its bytes, not its name or place in
+the data), its caption, and its transform (bucket, resized size, crop box, flip). Inserting
+an image encodes only that image; a changed bucket setting encodes again exactly the images
+whose transform changed; entries the current data no longer uses are pruned.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdkit.atomic import atomic_write_path
+from sdkit.training.samples import split_key
 
 EMPTY_CAPTION_FILE = "empty-caption.safetensors"
 
@@ -31,11 +34,9 @@ def cache_key(recipe, family_name: str, dtype: torch.dtype) -> str:
         "variant": recipe.model.variant,
         "vae": recipe.model.vae,
         "load_t5": recipe.model.load_t5,
-        "resolution": recipe.data.resolution,
-        "center_crop": recipe.data.center_crop,
         "dtype": str(dtype),
         "weights": _encoder_weight_files(recipe.model.pretrained) + _encoder_weight_files(recipe.model.vae),
-        "format": 1,
+        "format": 2,
     }
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -51,8 +52,9 @@ def _encoder_weight_files(ref) -> list:
     return sorted([str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files)
 
 
-def _digest(record, flip: bool) -> str:
-    return hashlib.sha1(f"{record.identity}\n{record.caption}\n{flip}".encode()).hexdigest()[:16]
+def _digest(record, placement, flip: bool) -> str:
+    transform = (placement.bucket, placement.resized, placement.crop_box(), flip)
+    return hashlib.sha1(f"{record.identity}\n{record.caption}\n{transform}".encode()).hexdigest()[:20]
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -66,7 +68,17 @@ class LatentCache:
         self.root = Path(root)
 
     def path(self, dataset, index: int, flip: bool) -> Path:
-        return self.root / f"{index:07d}-{int(flip)}-{_digest(dataset.records[index], flip)}.safetensors"
+        return self.root / f"{_digest(dataset.records[index], dataset.placement(index), flip)}.safetensors"
+
+    def prune(self, dataset) -> int:
+        """Remove entries the current data no longer uses; returns how many (call on one rank,
+        once every rank has built its share)."""
+        used = {self.path(dataset, i, flip).name for i in range(len(dataset)) for flip in dataset.cache_variants()}
+        used.add(EMPTY_CAPTION_FILE)
+        stale = [p for p in self.root.glob("*.safetensors") if p.name not in used]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def missing(self, dataset, rank: int = 0, world_size: int = 1) -> list[tuple[int, bool]]:
         todo = []
@@ -93,8 +105,8 @@ class LatentCache:
             with torch.no_grad():
                 _save_atomic(_text_row(family.encode_text([""]), 0), empty)
         todo = self.missing(dataset, rank, world_size)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        done = 0
+        for chunk in _same_bucket_chunks(dataset, todo, batch_size):
             items = [dataset.item(index, flip) for index, flip in chunk]
             pixels = torch.stack([it["pixel_values"] for it in items])
             with torch.no_grad():
@@ -104,10 +116,20 @@ class LatentCache:
                 tensors = {"moments": moments[row], **_text_row(text, row)}
                 tensors["original_size"] = item["original_size"]
                 tensors["crop_top_left"] = item["crop_top_left"]
+                tensors["target_size"] = item["target_size"]
                 _save_atomic(tensors, self.path(dataset, index, flip))
+            done += len(chunk)
             if on_progress:
-                on_progress(min(start + batch_size, len(todo)), len(todo))
+                on_progress(done, len(todo))
         return len(todo)
+
+
+def _same_bucket_chunks(dataset, todo: list, size: int) -> list[list]:
+    """`todo` in chunks of at most `size` whose images share a bucket (one encoder batch each)."""
+    groups: dict = {}
+    for entry in todo:
+        groups.setdefault(dataset.placement(entry[0]).bucket, []).append(entry)
+    return [group[i:i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 def _text_row(text: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
@@ -125,9 +147,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = key
-        variant = self.dataset.variant(index, epoch)
+    def __getitem__(self, key) -> dict:
+        index, epoch, copy = split_key(key)
+        variant = self.dataset.variant(index, epoch, copy)
         flip = bool(variant.flip)
         stored = load_file(self.cache.path(self.dataset, index, flip))
         text = {k[5:]: v for k, v in stored.items() if k.startswith("text.")}
@@ -138,6 +160,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "text": text,
             "original_size": stored["original_size"],
             "crop_top_left": stored["crop_top_left"],
+            "target_size": stored["target_size"],
             "index": index,
             "flip": flip,
             "drop_caption": bool(variant.drop_caption),
@@ -151,6 +174,7 @@ def collate_cached(items: list[dict]) -> dict:
         "text": {k: torch.stack([it["text"][k] for it in items]) for k in items[0]["text"]},
         "original_size": torch.stack([it["original_size"] for it in items]),
         "crop_top_left": torch.stack([it["crop_top_left"] for it in items]),
+        "target_size": torch.stack([it["target_size"] for it in items]),
     }
     for key in ("index", "flip", "drop_caption", "caption"):
         batch[key] = [it[key] for it in items]

@@ -16,12 +16,13 @@ exactly the same samples as an uninterrupted run, whatever the worker count (sdk
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -50,6 +51,18 @@ class Record:
     path: Optional[Path] = field(default=None, repr=False)
     rows: Optional["_HubRows"] = field(default=None, repr=False, compare=False)
     row: int = -1
+    size: Optional[tuple[int, int]] = None  # (width, height) as loaded, once measured
+
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) after EXIF rotation; local files are measured by the scan, hub rows here."""
+        if self.size is not None:
+            return self.size
+        try:
+            image = Image.open(self.path) if self.path is not None else self.rows.image(self.row)
+            with image:
+                return oriented_size(image)
+        except Exception as e:
+            raise UserError(f"data.dataset: image {self.name} could not be decoded ({_reason(e)})") from None
 
     def load_image(self) -> Image.Image:
         """The image as RGB, EXIF rotation applied. Raises UserError naming the file or row."""
@@ -64,10 +77,18 @@ class Record:
             raise UserError(f"data.dataset: image {self.name} could not be decoded ({_reason(e)})") from None
 
 
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    orientation = image.getexif().get(0x0112, 1)
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Decode fully, honour EXIF orientation, and put transparent pixels on white."""
     image.load()
     image = ImageOps.exif_transpose(image)
+    if image.mode in HIGH_DEPTH_MODES:
+        image = to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -75,6 +96,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(image, mask=image.getchannel("A"))
         return background
     return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grey, 32-bit integer and float images as 8-bit grey, by their real range.
+
+    PIL's own convert clips these to 0..255 (16-bit photos come out white, 0..1 floats black).
+    16-bit modes span 0..65535; floats within 0..1 span that; other 32-bit data span their
+    own minimum..maximum (their nominal range says nothing about a scan's or a render's)."""
+    import numpy as np
+
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    elif image.mode == "F" and array.size and array.min() >= 0.0 and array.max() <= 1.0:
+        low, high = 0.0, 1.0
+    else:
+        finite = array[np.isfinite(array)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    scaled = (np.nan_to_num(array, nan=low) - low) / max(high - low, 1e-12)
+    return Image.fromarray((scaled.clip(0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="L")
 
 
 def _reason(error: Exception) -> str:
@@ -169,13 +213,8 @@ def _image_files(root: Path) -> list[Path]:
 
 
 def _file_record(path: Path, root: Path, caption: str) -> Record:
-    stat = path.stat()
-    return Record(
-        name=path.relative_to(root).as_posix(),
-        caption=caption,
-        identity=f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}",
-        path=path,
-    )
+    # identity is filled in by the scan, from the file's bytes (see check_image)
+    return Record(name=path.relative_to(root).as_posix(), caption=caption, identity="", path=path)
 
 
 def _caption_file_records(root: Path, images: list[Path], cfg: DataConfig) -> list[Record]:
@@ -200,30 +239,46 @@ def _caption_file_records(root: Path, images: list[Path], cfg: DataConfig) -> li
     return records
 
 
+def _decoded_lines(meta: Path) -> list[str]:
+    """The file's lines as text; invalid UTF-8 is named by line, not a traceback mid-read."""
+    lines = []
+    for number, raw in enumerate(meta.read_bytes().split(b"\n"), start=1):
+        try:
+            lines.append(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"data.dataset: {meta} line {number} is not valid UTF-8 (byte {e.start + 1})") from None
+    return lines
+
+
 def _metadata_rows(meta: Path) -> Iterator[tuple[int, dict]]:
+    lines = _decoded_lines(meta)
     if meta.suffix == ".csv":
-        with open(meta, newline="", encoding="utf-8") as f:
-            for number, row in enumerate(csv.DictReader(f), start=2):
-                yield number, row
+        reader = csv.DictReader(io.StringIO("\n".join(lines), newline=""))
+        for row in reader:
+            yield reader.line_num, row
         return
-    with open(meta, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"data.dataset: {meta} line {number} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"data.dataset: {meta} line {number} is not a JSON object")
-            yield number, row
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"data.dataset: {meta} line {number} is not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"data.dataset: {meta} line {number} is not a JSON object")
+        yield number, row
 
 
 def _metadata_records(folder: Path, meta: Path, cfg: DataConfig, display_root: Path) -> list[Record]:
     records = []
+    inside = folder.resolve()
     for number, row in _metadata_rows(meta):
         if "file_name" not in row:
             raise UserError(f"data.dataset: {meta} line {number} has no 'file_name'")
+        file_name = row["file_name"]
+        if not isinstance(file_name, str) or not file_name:
+            raise UserError(f"data.dataset: {meta} line {number}: 'file_name' must be a file name in quotes "
+                            f"(got {_echo(file_name)})")
         if cfg.instance_prompt is not None:
             caption = cfg.instance_prompt
         elif cfg.caption_column in row:
@@ -233,13 +288,16 @@ def _metadata_records(folder: Path, meta: Path, cfg: DataConfig, display_root: P
                 f"data.caption_column: '{cfg.caption_column}' is not in {meta} line {number} "
                 f"(it has: {', '.join(sorted(row))})"
             )
-        path = folder / row["file_name"]
-        if path.is_file():
-            records.append(_file_record(path, display_root, caption))
-        else:  # listed but absent: reported like any unreadable image
-            records.append(Record(name=path.relative_to(display_root).as_posix(), caption=caption,
-                                  identity=f"{path}|missing", path=path))
+        path = folder / file_name
+        if not path.resolve().is_relative_to(inside):
+            raise UserError(f"data.dataset: {meta} line {number}: 'file_name' {_echo(file_name)} points outside {folder}")
+        records.append(_file_record(path, display_root, caption))  # a listed but absent file is skipped by the scan
     return records
+
+
+def _echo(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _caption_text(value: Any) -> str:
@@ -256,23 +314,37 @@ def _limit(cfg: DataConfig) -> int:
 
 # ---------------------------------------------------------------- scanning local files
 
-def check_image(path: Path) -> Optional[str]:
-    """None when the file decodes as an image, else the reason it does not."""
+@dataclass(frozen=True)
+class Checked:
+    """What the scan learns about one file: why it is unusable, or its size and content digest."""
+
+    problem: Optional[str] = None
+    size: Optional[tuple[int, int]] = None
+    digest: str = ""
+
+
+def check_image(path: Path) -> Checked:
+    """Decode the file once: its problem, or its (width, height) and the digest of its bytes
+    (the latent cache's key: a file renamed or touched is still the same image)."""
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        with Image.open(io.BytesIO(data)) as image:
+            size = oriented_size(image)
             if image.format == "JPEG":
                 image.draft("RGB", (64, 64))  # decoding at 1/8 scale still reads every byte
             image.load()
-        return None
+        return Checked(size=size, digest=digest)
     except FileNotFoundError:
-        return "file not found"
+        return Checked("file not found")
     except Exception as e:
-        return _reason(e)
+        return Checked(_reason(e))
 
 
 def _scan(records: list[Record], cfg: DataConfig, log: Log, progress: bool) -> list[Record]:
-    """The first `max_samples` records whose image decodes; the others are skipped with one
-    summary line, or stop the run when `bad_images=error`."""
+    """The first `max_samples` records whose image decodes, with their size and content
+    identity; the others are skipped with one summary line, or stop the run when
+    `bad_images=error`."""
     limit = _limit(cfg)
     good: list[Record] = []
     bad: list[tuple[Record, str]] = []
@@ -283,17 +355,17 @@ def _scan(records: list[Record], cfg: DataConfig, log: Log, progress: bool) -> l
         if progress and len(records) >= SHOW_PROGRESS_FROM and limit >= SHOW_PROGRESS_FROM:
             results = _with_progress(results, len(records))
         try:
-            for record, why in zip(records, results):
+            for record, result in zip(records, results):
                 checked += 1
-                if why is None:
-                    good.append(record)
+                if result.problem is None:
+                    good.append(replace(record, size=result.size, identity=f"sha256:{result.digest}"))
                 elif cfg.bad_images == "error":
                     raise UserError(
-                        f"data.dataset: image {record.name} is unreadable ({why}); fix or remove it, "
+                        f"data.dataset: image {record.name} is unreadable ({result.problem}); fix or remove it, "
                         f"or set data.bad_images=skip"
                     )
                 else:
-                    bad.append((record, why))
+                    bad.append((record, result.problem))
                 if len(good) >= limit:
                     break
         finally:

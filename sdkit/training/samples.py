@@ -1,5 +1,5 @@
-"""Training samples: how each record becomes pixels and a caption in each epoch, and which
-samples each process sees in which order.
+"""Training samples: how each record becomes pixels and a caption in each epoch (the order
+of samples is sdkit.training.batches).
 
 Every random choice a sample needs (flip, caption dropout, crop position) is drawn from
 (seed, epoch, index) alone, never from a global RNG, so a resumed run and a latent cache see
@@ -9,15 +9,15 @@ exactly the same samples as an uninterrupted run, whatever the worker count.
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from PIL import Image
 
 from sdkit.recipe import DataConfig
+from sdkit.training.buckets import Placement, place, square_buckets
 from sdkit.training.data import Record
 
 
@@ -32,32 +32,25 @@ class Variant:
     crop: Optional[tuple[float, float]]  # (top, left) as fractions of the free space; None: center
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A well-spread 63-bit seed from integers (negative ones too), the same in every process."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def resize_and_crop(image: Image.Image, resolution: int, flip: bool,
+def resize_and_crop(image: Image.Image, placement: Placement, flip: bool,
                     crop: Optional[tuple[float, float]]) -> tuple[Image.Image, tuple[int, int]]:
-    """Shorter side to `resolution` (Lanczos), flip, then crop a square.
+    """Resize to cover the placement's bucket (Lanczos), flip, then crop the bucket.
 
-    Returns the square and its (top, left) in the resized (and flipped) image: the order and
+    Returns the crop and its (top, left) in the resized (and flipped) image: the order and
     coordinates diffusers' SDXL training script uses for its crop micro-conditioning.
     """
-    width, height = image.size
-    short = min(width, height)
-    size = (width * resolution // short, height * resolution // short)  # exact integer scaling
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if placement.resized != image.size:
+        image = image.resize(placement.resized, Image.Resampling.LANCZOS, reducing_gap=3.0)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    free_y, free_x = size[1] - resolution, size[0] - resolution
-    if crop is None:
-        top, left = int(round(free_y / 2)), int(round(free_x / 2))
-    else:
-        top, left = min(free_y, int(crop[0] * (free_y + 1))), min(free_x, int(crop[1] * (free_x + 1)))
-    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+    box = placement.crop_box(crop)
+    return image.crop(box), (box[1], box[0])
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -69,18 +62,38 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Transformed samples keyed by (index, epoch); see `EpochSampler` for the keys."""
+    """Transformed samples keyed by (index, epoch[, copy]); see `BucketBatchSampler` for the keys.
 
-    def __init__(self, records: list[Record], cfg: DataConfig, seed: int):
+    `buckets` are the run's bucket sizes (default: the square `resolution`); each record is
+    placed in the nearest one (measured once, on first use)."""
+
+    def __init__(self, records: list[Record], cfg: DataConfig, seed: int, buckets: Optional[list] = None):
         self.records = list(records)
         self.cfg = cfg
         self.seed = seed
+        self.buckets = list(buckets or square_buckets(cfg.resolution))
+        self._placements: dict[int, Placement] = {}
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def variant(self, index: int, epoch: int) -> Variant:
-        rng = random.Random(_mix(self.seed, epoch, index))
+    def placement(self, index: int) -> Placement:
+        if index not in self._placements:
+            self._placements[index] = place(self.records[index].image_size(), self.buckets)
+        return self._placements[index]
+
+    def placements(self) -> list[Placement]:
+        return [self.placement(i) for i in range(len(self.records))]
+
+    def bucket_ids(self) -> list[int]:
+        """Each record's bucket as an index into `buckets` (one bucket: no image is measured)."""
+        if len(self.buckets) == 1:
+            return [0] * len(self.records)
+        return [self.buckets.index(p.bucket) for p in self.placements()]
+
+    def variant(self, index: int, epoch: int, copy: int = 0) -> Variant:
+        # a repeated record (data repeats) draws its own choices in each copy
+        rng = random.Random(mix_seed(self.seed, epoch, index) if copy == 0 else mix_seed(self.seed, epoch, index, copy))
         # Draw every number every time, so one option never shifts another's draws.
         flip, drop, top, left = rng.random(), rng.random(), rng.random(), rng.random()
         return Variant(
@@ -95,25 +108,33 @@ class TrainDataset(torch.utils.data.Dataset):
     def _sample(self, index: int, variant: Variant) -> dict:
         record = self.records[index]
         image = record.load_image()
-        original = (image.height, image.width)
-        square, top_left = resize_and_crop(image, self.cfg.resolution, variant.flip, variant.crop)
+        placement = self.placement(index)
+        cropped, top_left = resize_and_crop(image, placement, variant.flip, variant.crop)
         return {
-            "pixel_values": to_tensor(square),
+            "pixel_values": to_tensor(cropped),
             "caption": "" if variant.drop_caption else record.caption,
-            "original_size": torch.tensor(original, dtype=torch.long),
+            "original_size": torch.tensor((image.height, image.width), dtype=torch.long),
             "crop_top_left": torch.tensor(top_left, dtype=torch.long),
+            "target_size": torch.tensor((placement.bucket[1], placement.bucket[0]), dtype=torch.long),
             "index": index,
             "flip": variant.flip,
             "drop_caption": variant.drop_caption,
         }
 
     def __getitem__(self, key) -> dict:
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        return self._sample(index, self.variant(index, epoch))
+        index, epoch, copy = split_key(key)
+        return self._sample(index, self.variant(index, epoch, copy))
 
     def item(self, index: int, flip: bool) -> dict:
         """A fixed variant for the latent cache: center crop, the caption kept."""
         return self._sample(index, Variant(flip=flip, drop_caption=False, crop=None))
+
+
+def split_key(key) -> tuple[int, int, int]:
+    """(index, epoch, copy) from a sampler key (a bare index is epoch 0, copy 0)."""
+    if not isinstance(key, tuple):
+        return key, 0, 0
+    return (key[0], key[1], key[2] if len(key) > 2 else 0)
 
 
 def collate(items: list[dict]) -> dict:
@@ -122,53 +143,3 @@ def collate(items: list[dict]) -> dict:
         key: torch.stack([it[key] for it in items]) if torch.is_tensor(items[0][key]) else [it[key] for it in items]
         for key in items[0]
     }
-
-
-# ---------------------------------------------------------------- order
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (index, epoch) keys for THIS rank, batch-aligned, deterministic from seed and epoch.
-
-    Each epoch shuffles range(n) with a generator seeded from (seed, epoch), keeps the largest
-    multiple of batch_size * world_size (the rest waits for a later epoch's shuffle), and gives
-    rank r every world_size-th index from r: disjoint shards, the same batch count on every rank.
-    A set smaller than one batch per rank is repeated to fill it.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
-        if n < 1:
-            raise ValueError("EpochSampler needs at least one sample")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch; skip this rank's first `start_batch` batches (resume mid-epoch)."""
-        if not 0 <= start_batch <= self.batches_per_epoch():
-            raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch()}")
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def batches_per_epoch(self) -> int:
-        return max(1, self.n // (self.batch_size * self.world_size))
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """Every index this rank sees in `epoch`, in order (no batch skipped)."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
-            order = torch.randperm(self.n, generator=generator).tolist()
-        else:
-            order = list(range(self.n))
-        total = self.batches_per_epoch() * self.batch_size * self.world_size
-        order = (order * math.ceil(total / self.n))[:total]
-        return order[self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size:]
-        return iter([(i, self.epoch) for i in indices])
-
-    def __len__(self) -> int:
-        """Keys the next iteration yields (fewer than a full epoch after a mid-epoch resume)."""
-        return (self.batches_per_epoch() - self.start_batch) * self.batch_size

@@ -146,23 +146,24 @@ def test_a_changed_caption_is_encoded_again(tiny_sd, image_folder, tmp_path):
     with EncoderCalls() as calls:
         setup, during = setup_and_train(trainer, calls)
     assert setup == (1, 1) and during == (0, 0)  # one batch: the one changed sample
-    new = set(cache_files(out)) - set(before)
-    assert len(new) == 1 and next(iter(new)).name.startswith("0000001-")
+    after = cache_files(out)
+    assert len(set(after) - set(before)) == 1 and len(after) == len(before)  # the old entry is pruned
 
 
-def test_a_changed_resolution_gets_its_own_cache(tiny_sd, image_folder, tmp_path):
+def test_a_changed_resolution_encodes_every_image_again(tiny_sd, image_folder, tmp_path):
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
     make_trainer(tmp_path, tiny_sd, image_folder, out, steps=1).fit()
+    before = cache_files(out)
     trainer = make_trainer(tmp_path, tiny_sd, image_folder, out, ["data.resolution=16"], steps=1)
     with EncoderCalls() as calls:
         setup, during = setup_and_train(trainer, calls)
     assert setup[0] >= 1 and during == (0, 0)
-    keys = sorted(p.name for p in (out / "cache").iterdir())
-    assert len(keys) == 2 and trainer.data.dataset.cache.root.name in keys
-    from safetensors.torch import load_file
-
-    sizes = {load_file(p)["moments"].shape[-1] for p in (out / "cache").glob("*/0000000-*.safetensors")}
-    assert len(sizes) == 2  # 32 px and 16 px latents side by side
+    after = cache_files(out)
+    assert not set(after) & set(before) - {p for p in before if p.name.startswith("empty")}
+    sizes = {load_file(out / "cache" / p)["moments"].shape[-1] for p in after if not p.name.startswith("empty")}
+    assert sizes == {2}  # 16 px latents only: the 32 px entries were pruned
 
 
 def test_encoder_weights_replaced_in_place_invalidate(tiny_sd, image_folder, tmp_path):
@@ -196,7 +197,7 @@ def test_random_flip_caches_both_variants(tiny_sd, image_folder, tmp_path):
     trainer.setup()
     trainer.accelerator.end_training()
     names = [p.name for p in cache_files(out) if not p.name.startswith("empty")]
-    assert len(names) == 8 and {n.split("-")[1] for n in names} == {"0", "1"}
+    assert len(names) == 8  # 4 images x (plain, flipped)
 
     dataset, cache, family = trainer.data.dataset.dataset, trainer.data.dataset.cache, trainer.family
     with torch.no_grad():
@@ -244,3 +245,59 @@ def test_each_rank_caches_its_own_shard(tiny_sd, image_folder, tmp_path):
     assert cache.missing(dataset, rank=1, world_size=2) == []
     assert cache.build(family, dataset, rank=0, world_size=2) == 4
     assert cache.missing(dataset) == []
+
+
+# ----------------------------------------------------------------- content keys (no training)
+
+@pytest.fixture(scope="module")
+def sd_family(tiny_sd):
+    from sdkit.families.sd import StableDiffusion
+    from sdkit.recipe import ModelConfig
+
+    return StableDiffusion.load(ModelConfig(pretrained=str(tiny_sd)))
+
+
+def _dataset(folder, **data):
+    from sdkit.recipe import DataConfig
+    from sdkit.training.buckets import run_buckets
+    from sdkit.training.data import load_records
+    from sdkit.training.samples import TrainDataset
+
+    cfg = DataConfig(dataset=str(folder), resolution=32, **data)
+    return TrainDataset(load_records(cfg, log=lambda _m: None, progress=False), cfg, seed=0,
+                        buckets=run_buckets(cfg, 8))
+
+
+def test_inserting_or_renaming_an_image_encodes_only_that_image(sd_family, tmp_path):
+    """Entries are keyed by content and transform, not by position: an image inserted first
+    encodes once, a renamed file is the same image, and a removed one is pruned."""
+    from sdkit.quickstart.tiny import make_image_folder
+    from sdkit.training.cache import LatentCache
+
+    folder = make_image_folder(tmp_path / "images", n=4, size=32, captions="txt")
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.build(sd_family, _dataset(folder)) == 4
+    make_image_folder(tmp_path / "new", n=1, size=32, captions="txt", seed=9)
+    for suffix in (".png", ".txt"):  # sorts first: every other record moves one place down
+        (tmp_path / "new" / f"0000{suffix}").rename(folder / f"000-inserted{suffix}")
+    name = sorted(p.name for p in folder.glob("*.png"))[-1]
+    (folder / name).rename(folder / f"renamed-{name}")
+    (folder / name).with_suffix(".txt").rename(folder / f"renamed-{name[:-4]}.txt")
+    dataset = _dataset(folder)
+    assert [r.name for r in dataset.records][0] == "000-inserted.png"
+    assert cache.missing(dataset) == [(0, False)] and cache.build(sd_family, dataset) == 1
+    (folder / "000-inserted.png").unlink()
+    assert cache.prune(_dataset(folder)) == 1 and len(list(cache.root.glob("*.safetensors"))) == 5
+
+
+def test_changing_bucket_settings_encodes_exactly_the_images_that_move(sd_family, tmp_path):
+    from sdkit.quickstart.tiny import make_image_folder
+    from sdkit.training.cache import LatentCache
+
+    sizes = [(48, 32), (32, 48), (32, 32), (64, 32)]
+    folder = make_image_folder(tmp_path / "images", n=4, sizes=sizes, captions="txt")
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.build(sd_family, _dataset(folder, buckets=True)) == 4
+    narrow = _dataset(folder, buckets=True, max_aspect=1.5)  # 40x24 and 24x40 buckets go; the square stays
+    assert sorted(i for i, _ in cache.missing(narrow)) == [0, 1, 3]
+    assert cache.build(sd_family, narrow) == 3 and cache.prune(narrow) == 3

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from sdkit.training.data import load_records
-from sdkit.training.samples import EpochSampler, TrainDataset, collate
+from sdkit.training.batches import BucketBatchSampler
+from sdkit.training.samples import TrainDataset, collate
 from sdkit.errors import UserError
 from sdkit.recipe import DataConfig
 
@@ -321,19 +322,22 @@ def test_caption_dropout_and_item(tmp_path):
 
 # ---------------------------------------------------------------- sampler
 
-def _batches(sampler, batch_size):
-    keys = list(sampler)
-    assert len(keys) == len(sampler) and len(keys) % batch_size == 0
-    return [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+def _sampler(n, batch, seed=1, rank=0, world=1, buckets=None, repeats=None):
+    return BucketBatchSampler(buckets or [0] * n, batch, seed=seed, rank=rank, world_size=world, repeats=repeats)
+
+
+def _indices(sampler):
+    return [i for b in sampler for i, _, _ in b]
 
 
 @pytest.mark.parametrize("n,batch,world", [(10, 2, 2), (17, 3, 2), (9, 1, 3), (3, 2, 2), (1, 4, 1)])
 def test_sampler_shards_disjoint_and_even(n, batch, world):
-    samplers = [EpochSampler(n, batch, seed=1, rank=r, world_size=world) for r in range(world)]
+    samplers = [_sampler(n, batch, rank=r, world=world) for r in range(world)]
     for s in samplers:
         s.set_epoch(4)
-    shards = [[i for i, e in s] for s in samplers]
-    assert all(e == 4 for s in samplers for _, e in s)
+    assert all(e == 4 for s in samplers for b in s for _, e, _ in b)
+    assert all(len(b) == batch for s in samplers for b in s)
+    shards = [_indices(s) for s in samplers]
     assert len({len(sh) for sh in shards}) == 1 and len(shards[0]) == samplers[0].batches_per_epoch() * batch
     if n >= batch * world:
         flat = [i for sh in shards for i in sh]
@@ -343,30 +347,28 @@ def test_sampler_shards_disjoint_and_even(n, batch, world):
 
 
 def test_sampler_covers_data_and_reshuffles():
-    s = EpochSampler(8, 2, seed=0, world_size=2, rank=0)
-    t = EpochSampler(8, 2, seed=0, world_size=2, rank=1)
-    s.set_epoch(0), t.set_epoch(0)
-    assert sorted(i for i, _ in list(s) + list(t)) == list(range(8))
+    s, t = _sampler(8, 2, seed=0, world=2, rank=0), _sampler(8, 2, seed=0, world=2, rank=1)
+    assert sorted(_indices(s) + _indices(t)) == list(range(8))
     orders = set()
     for epoch in range(4):
         s.set_epoch(epoch)
-        orders.add(tuple(i for i, _ in s))
+        orders.add(tuple(_indices(s)))
     assert len(orders) > 1
-    again = EpochSampler(8, 2, seed=0, world_size=2, rank=0)
+    again = _sampler(8, 2, seed=0, world=2, rank=0)
     again.set_epoch(3)
     assert list(again) == list(s)
 
 
 def test_sampler_resume_yields_remaining_batches():
-    full = EpochSampler(23, 3, seed=5, rank=1, world_size=2)
+    full = _sampler(23, 3, seed=5, rank=1, world=2)
     full.set_epoch(2)
-    all_batches = _batches(full, 3)
+    all_batches = list(full)
     assert len(all_batches) == full.batches_per_epoch() == 3
-    resumed = EpochSampler(23, 3, seed=5, rank=1, world_size=2)
+    resumed = _sampler(23, 3, seed=5, rank=1, world=2)
     resumed.set_epoch(2, start_batch=2)
-    assert _batches(resumed, 3) == all_batches[2:]
+    assert list(resumed) == all_batches[2:] and len(resumed) == 1
     resumed.set_epoch(3)
-    assert len(list(resumed)) == 9
+    assert len(list(resumed)) == 3
 
 
 def test_dataloader_with_workers_matches_in_process(tmp_path):
@@ -375,9 +377,8 @@ def test_dataloader_with_workers_matches_in_process(tmp_path):
     dataset = TrainDataset(load_records(config), config, seed=11)
 
     def run(workers):
-        sampler = EpochSampler(len(dataset), 2, seed=11)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=collate,
-                                             num_workers=workers)
+        sampler = _sampler(len(dataset), 2, seed=11)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
         out = []
         for epoch in range(2):
             sampler.set_epoch(epoch)
