@@ -54,10 +54,39 @@ class MethodConfig(_Section):
         return self.alpha or self.rank
 
 
+class DatasetEntry(_Section):
+    """One of several datasets (`data.datasets`); unset keys take their value from `data`."""
+
+    dataset: str = Field(description="Hub dataset id, a folder with metadata.jsonl, or a folder of images with captions.")
+    split: Optional[str] = Field(None, description="Dataset split (hub datasets).")
+    image_column: Optional[str] = Field(None, description="Column holding the image.")
+    caption_column: Optional[str] = Field(None, description="Column holding the caption.")
+    caption_extension: Optional[str] = Field(None, description="Caption file suffix beside each image.")
+    instance_prompt: Optional[str] = Field(None, description="One caption for every image of this dataset.")
+    caption_prefix: Optional[str] = Field(None, description="Text put before every caption of this dataset.")
+    caption_dropout: Optional[float] = Field(None, ge=0.0, le=1.0, description="Caption dropout of this dataset.")
+    repeats: Optional[int] = Field(None, ge=1, description="Times each image is seen per epoch.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use only the first N samples of this dataset.")
+
+
+SOURCE_KEYS = tuple(DatasetEntry.model_fields)  # what each entry of data.datasets may set
+
+
 class DataConfig(_Section):
-    dataset: str = Field(
-        description="Hub dataset id, a folder with metadata.jsonl, or a folder of images with .txt captions."
+    dataset: Optional[str] = Field(
+        None, description="Hub dataset id, a folder with metadata.jsonl, or a folder of images with .txt captions."
     )
+    datasets: Optional[list[DatasetEntry]] = Field(
+        None, description="Several datasets in one run (instead of data.dataset); each entry as data.datasets[i].*."
+    )
+    repeats: int = Field(1, ge=1, description="Times each image is seen per epoch (kohya's repeats).")
+    kohya_folder_names: bool = Field(
+        False, description="Subfolders named like '10_sks dog' give repeats 10 and instance prompt 'sks dog'."
+    )
+    caption_extension: str = Field(".txt", description="Caption file suffix beside each image (.txt, .caption).")
+    caption_prefix: Optional[str] = Field(None, description="Text put before every caption (a trigger word).")
+    shuffle_caption: bool = Field(False, description="Shuffle comma-separated tags of each caption every epoch.")
+    keep_tokens: int = Field(0, ge=0, description="With shuffle_caption: how many leading tags stay in place.")
     split: str = Field("train", description="Dataset split (hub datasets).")
     image_column: str = Field("image", description="Column holding the image.")
     caption_column: str = Field("text", description="Column holding the caption.")
@@ -92,7 +121,17 @@ class DataConfig(_Section):
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.min_side and self.max_side and self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
+        if (self.dataset is None) == (not self.datasets):
+            raise ValueError("set data.dataset or data.datasets (a list), not both" if self.dataset
+                             else "set data.dataset (or data.datasets, a list)")
         return self
+
+    def sources(self) -> list["DataConfig"]:
+        """One data config per dataset: each entry of `datasets` over these keys, or itself."""
+        if not self.datasets:
+            return [self]
+        return [self.model_copy(update={"datasets": None, **entry.model_dump(exclude_none=True)})
+                for entry in self.datasets]
 
 
 class OptimConfig(_Section):
@@ -209,6 +248,8 @@ class Recipe(_Section):
             return "the text encoder is trained"
         if not self.data.center_crop:
             return "random crops change the pixels every epoch (data.center_crop=false)"
+        if self.data.shuffle_caption:
+            return "shuffled tags change the captions every epoch (data.shuffle_caption=true)"
         return None
 
     def bucket_step(self, family_step: int) -> int:
@@ -387,8 +428,9 @@ def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = f
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise UserError("\n".join(_validation_lines(e, origin))) from None
-    for key in ("model.pretrained", "model.vae", "model.refiner", "data.dataset"):
-        ref = recipe.get(key)
+    refs = [(key, recipe.get(key)) for key in ("model.pretrained", "model.vae", "model.refiner", "data.dataset")]
+    refs += [(f"data.datasets.{i}.dataset", entry.dataset) for i, entry in enumerate(recipe.data.datasets or [])]
+    for key, ref in refs:
         if ref:
             try:
                 check_local_ref(ref, key)

@@ -15,11 +15,12 @@ from sdkit.recipe import load_recipe
 
 
 def write_recipe(tmp_path: Path, model, data, out, **sections) -> Path:
-    """A recipe file for a tiny run; sections are merged into the defaults below."""
+    """A recipe file for a tiny run; sections are merged into the defaults below.
+    data: the dataset folder, or a dict of data keys (with "dataset")."""
     recipe = {
         "model": {"pretrained": str(model)},
         "method": {"type": "lora", "rank": 4},
-        "data": {"dataset": str(data), "resolution": 32},
+        "data": {"resolution": 32, **(data if isinstance(data, dict) else {"dataset": str(data)})},
         "train": {"batch_size": 4, "max_steps": 20, "checkpoint_every": 1000, "seed": 0},
         "optim": {"lr": 1e-3},
         "logging": {"tensorboard": False},

@@ -141,8 +141,16 @@ def plan_data(recipe, family_name: str, *, log: Callable = print, rank: int = 0,
     buckets = run_buckets(recipe.data, recipe.bucket_step(family_class(family_name).bucket_step))
     dataset = TrainDataset(records, recipe.data, seed=recipe.train.seed, buckets=buckets)
     sampler = BucketBatchSampler(dataset.bucket_ids(), recipe.train.batch_size, seed=recipe.train.seed,
-                                 rank=rank, world_size=world_size)
+                                 rank=rank, world_size=world_size, repeats=[r.repeats for r in records])
     return dataset, sampler
+
+
+def bucket_report(recipe, family_name: str, processes: int = 1) -> str:
+    """The dry run's bucket table (bucket, images, batches per epoch on each process)."""
+    from sdkit.training.buckets import table
+
+    dataset, sampler = plan_data(recipe, family_name, world_size=processes, progress=False)
+    return table(dataset.placements(), bucket_batches(dataset, sampler))
 
 
 def bucket_batches(dataset, sampler) -> dict:

@@ -52,6 +52,8 @@ class Record:
     rows: Optional["_HubRows"] = field(default=None, repr=False, compare=False)
     row: int = -1
     size: Optional[tuple[int, int]] = None  # (width, height) as loaded, once measured
+    repeats: int = 1  # times seen per epoch
+    dropout: Optional[float] = None  # caption dropout of its dataset (None: data.caption_dropout)
 
     def image_size(self) -> tuple[int, int]:
         """(width, height) after EXIF rotation; local files are measured by the scan, hub rows here."""
@@ -159,6 +161,21 @@ class _HubRows:
 # ---------------------------------------------------------------- loading
 
 def load_records(cfg: DataConfig, *, log: Log = print, progress: bool = True) -> list[Record]:
+    """Every usable sample of every dataset of `cfg` (see sdkit.training.sources), in a stable
+    order, captions resolved, each with its dataset's repeats and caption dropout."""
+    from sdkit.training.sources import expand_sources, with_prefix
+
+    sources = expand_sources(cfg)
+    records: list[Record] = []
+    for source in sources:
+        found = load_source(source, log=log, progress=progress)
+        label = f"{Path(source.dataset).name}/" if len(sources) > 1 else ""
+        records += [replace(r, name=label + r.name, caption=with_prefix(source.caption_prefix, r.caption),
+                            repeats=source.repeats, dropout=source.caption_dropout) for r in found]
+    return records
+
+
+def load_source(cfg: DataConfig, *, log: Log = print, progress: bool = True) -> list[Record]:
     """Every usable sample of `cfg.dataset`, in a stable order, captions resolved.
 
     Local image files are checked once here (each one decoded); unreadable ones are skipped
@@ -220,21 +237,22 @@ def _file_record(path: Path, root: Path, caption: str) -> Record:
 def _caption_file_records(root: Path, images: list[Path], cfg: DataConfig) -> list[Record]:
     if cfg.instance_prompt is not None:
         return [_file_record(p, root, cfg.instance_prompt) for p in images]
-    captioned = [p for p in images if p.with_suffix(".txt").is_file()]
+    ext = cfg.caption_extension
+    captioned = [p for p in images if p.with_suffix(ext).is_file()]
     if not captioned:
         raise UserError(
             f"data.instance_prompt: folder '{cfg.dataset}' has no captions (no metadata.jsonl, "
-            f"no .txt beside the images); set data.instance_prompt"
+            f"no {ext} beside the images); set data.instance_prompt"
         )
     if len(captioned) < len(images):
-        missing = next(p for p in images if not p.with_suffix(".txt").is_file())
+        missing = next(p for p in images if not p.with_suffix(ext).is_file())
         raise UserError(
-            f"data.dataset: image {missing.relative_to(root).as_posix()} has no .txt caption "
+            f"data.dataset: image {missing.relative_to(root).as_posix()} has no {ext} caption "
             f"({len(images) - len(captioned)} of {len(images)} lack one); add them or set data.instance_prompt"
         )
     records = []
     for p in images:
-        caption = p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
+        caption = p.with_suffix(ext).read_text(encoding="utf-8", errors="replace").strip()
         records.append(_file_record(p, root, caption))
     return records
 

@@ -73,7 +73,12 @@ def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], confi
         print(recipe.to_yaml().rstrip())
         print("---")
         print(describe(recipe, processes))
-        print("dry run: nothing was loaded or trained")
+        if recipe.data.buckets:
+            from sdkit.families import resolve_family_name
+            from sdkit.training.build import bucket_report
+
+            print(bucket_report(recipe, resolve_family_name(recipe.model), processes))
+        print("dry run: no model was loaded, nothing was trained")
         return
     if processes > 1 and not already_launched():
         relaunch(recipe_path, overrides, config_path, processes)

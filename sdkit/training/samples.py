@@ -19,6 +19,7 @@ from PIL import Image
 from sdkit.recipe import DataConfig
 from sdkit.training.buckets import Placement, place, square_buckets
 from sdkit.training.data import Record
+from sdkit.training.sources import shuffle_tags
 
 
 # ---------------------------------------------------------------- transforms
@@ -30,6 +31,7 @@ class Variant:
     flip: bool
     drop_caption: bool
     crop: Optional[tuple[float, float]]  # (top, left) as fractions of the free space; None: center
+    tag_seed: Optional[int] = None  # order of the caption's tags (data.shuffle_caption); None: as written
 
 
 def mix_seed(*parts: int) -> int:
@@ -95,11 +97,13 @@ class TrainDataset(torch.utils.data.Dataset):
         # a repeated record (data repeats) draws its own choices in each copy
         rng = random.Random(mix_seed(self.seed, epoch, index) if copy == 0 else mix_seed(self.seed, epoch, index, copy))
         # Draw every number every time, so one option never shifts another's draws.
-        flip, drop, top, left = rng.random(), rng.random(), rng.random(), rng.random()
+        flip, drop, top, left, tags = rng.random(), rng.random(), rng.random(), rng.random(), rng.getrandbits(63)
+        dropout = self.records[index].dropout
         return Variant(
             flip=self.cfg.random_flip and flip < 0.5,
-            drop_caption=drop < self.cfg.caption_dropout,
+            drop_caption=drop < (self.cfg.caption_dropout if dropout is None else dropout),
             crop=None if self.cfg.center_crop else (top, left),
+            tag_seed=tags if self.cfg.shuffle_caption else None,
         )
 
     def cache_variants(self) -> list[bool]:
@@ -112,7 +116,7 @@ class TrainDataset(torch.utils.data.Dataset):
         cropped, top_left = resize_and_crop(image, placement, variant.flip, variant.crop)
         return {
             "pixel_values": to_tensor(cropped),
-            "caption": "" if variant.drop_caption else record.caption,
+            "caption": "" if variant.drop_caption else self.caption(record, variant),
             "original_size": torch.tensor((image.height, image.width), dtype=torch.long),
             "crop_top_left": torch.tensor(top_left, dtype=torch.long),
             "target_size": torch.tensor((placement.bucket[1], placement.bucket[0]), dtype=torch.long),
@@ -120,6 +124,11 @@ class TrainDataset(torch.utils.data.Dataset):
             "flip": variant.flip,
             "drop_caption": variant.drop_caption,
         }
+
+    def caption(self, record: Record, variant: Variant) -> str:
+        if variant.tag_seed is None:
+            return record.caption
+        return shuffle_tags(record.caption, self.cfg.keep_tokens, variant.tag_seed)
 
     def __getitem__(self, key) -> dict:
         index, epoch, copy = split_key(key)

@@ -147,3 +147,63 @@ def test_sdxl_buckets_get_real_sizes_crops_and_targets(tiny_sdxl, mixed_folder, 
                 assert [left, top] == by_file[record.name]["crop"][:2]
             else:
                 assert 0 <= top <= p.resized[1] - p.bucket[1] and 0 <= left <= p.resized[0] - p.bucket[0]
+
+
+def _bucket_data(folder, **more):
+    return {"dataset": str(folder), "buckets": True, "bucket_step": STEP, **more}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_with_buckets_resumes_to_the_same_weights(tiny_sd, mixed_folder, tmp_path):
+    from helpers import check_resume_after_sigkill
+
+    # 7 images in 3 buckets, batch 2: 3 batches per epoch; the kill lands mid-epoch
+    check_resume_after_sigkill(tmp_path, tiny_sd, _bucket_data(mixed_folder, random_flip=True),
+                               {"max_steps": 7, "batch_size": 2, "checkpoint_every": 2})
+
+
+RANK_SCRIPT = """
+import json, sys
+from sdkit.recipe import load_recipe
+from sdkit.training.trainer import Trainer
+
+trainer = Trainer(load_recipe(sys.argv[1]))
+shapes = []
+def record(trainer):
+    compute = trainer.step.compute_loss
+    def recording(batch):
+        shapes.append(list(batch["moments"].shape[-2:]))
+        return compute(batch)
+    trainer.step.compute_loss = recording
+trainer.setup()
+record(trainer)
+trainer.loop()
+trainer.finish()
+trainer.accelerator.end_training()
+json.dump({"shapes": shapes, "steps": trainer.state.step}, open(f"{sys.argv[2]}/rank-{trainer.accelerator.process_index}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_odd_bucket_sizes_run_the_same_steps(tiny_sd, tmp_path):
+    """5 + 2 + 3 images over 3 buckets, 2 ranks x batch 2: no rank runs a batch more (which
+    would hang DDP), and at every step both ranks train the same bucket shape."""
+    import subprocess
+    import sys
+
+    from sdkit.quickstart.tiny import make_image_folder
+
+    sizes = [(48, 32)] * 5 + [(32, 48)] * 2 + [(32, 32)] * 3
+    data = make_image_folder(tmp_path / "images", n=len(sizes), sizes=sizes)
+    recipe = write_recipe(tmp_path, tiny_sd, _bucket_data(data), tmp_path / "run", train={"epochs": 2, "batch_size": 2})
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29531", "--num_cpu_threads_per_process", "1", str(script), str(recipe), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (1 + 1 + 1)  # per epoch: 5//4, max(1, 2//4), 3//4 -> 1 each
+    assert ranks[0]["shapes"] == ranks[1]["shapes"] and len({tuple(s) for s in ranks[0]["shapes"]}) == 3

@@ -387,3 +387,83 @@ def test_dataloader_with_workers_matches_in_process(tmp_path):
 
     for (i0, f0, c0, p0), (i1, f1, c1, p1) in zip(run(0), run(2)):
         assert (i0, f0, c0) == (i1, f1, c1) and torch.equal(p0, p1)
+
+
+# ---------------------------------------------------------------- several datasets, captions
+
+def test_two_datasets_with_repeats_the_second_seen_three_times_as_often(tmp_path):
+    write_images(tmp_path / "a", n=4, captions="txt", prefix="a")
+    write_images(tmp_path / "b", n=4, captions="txt", prefix="b")
+    config = DataConfig(resolution=8, datasets=[{"dataset": str(tmp_path / "a")},
+                                                {"dataset": str(tmp_path / "b"), "repeats": 3, "caption_prefix": "sks"}])
+    records = load_records(config)
+    assert [r.name for r in records][:5] == ["a/a0.png", "a/a1.png", "a/a2.png", "a/a3.png", "b/b0.png"]
+    assert records[4].caption == "sks, caption b 0" and records[0].caption == "caption a 0"
+    sampler = BucketBatchSampler([0] * 8, 2, seed=0, repeats=[r.repeats for r in records])
+    seen = sampler.times_seen(0)
+    first = sum(seen[i] for i in range(4))
+    second = sum(seen[i] for i in range(4, 8))
+    assert first == 4 and second == 12
+
+
+def test_kohya_folder_names_give_repeats_and_instance_prompt(tmp_path):
+    write_images(tmp_path / "10_sks dog", n=2, captions="none", prefix="d")
+    write_images(tmp_path / "1_dog", n=2, captions="txt", prefix="c")
+    records = load_records(cfg(tmp_path, kohya_folder_names=True))
+    by_name = {r.name: r for r in records}
+    assert by_name["10_sks dog/d0.png"].repeats == 10 and by_name["10_sks dog/d0.png"].caption == "sks dog"
+    assert by_name["1_dog/c1.png"].repeats == 1 and by_name["1_dog/c1.png"].caption == "caption c 1"
+
+
+def test_caption_extension_shuffle_keep_tokens_and_per_dataset_dropout(tmp_path):
+    write_images(tmp_path, n=2, captions="none")
+    for i in range(2):
+        (tmp_path / f"img{i}.caption").write_text("trigger, red, round, small, shiny")
+    config = DataConfig(resolution=8, datasets=[{"dataset": str(tmp_path), "caption_dropout": 1.0}],
+                        caption_extension=".caption", shuffle_caption=True, keep_tokens=1)
+    dataset = TrainDataset(load_records(config), config, seed=0)
+    assert all(dataset[(0, e)]["caption"] == "" for e in range(5))  # this dataset drops every caption
+    config = DataConfig(resolution=8, datasets=[{"dataset": str(tmp_path)}], caption_extension=".caption",
+                        shuffle_caption=True, keep_tokens=1)
+    dataset = TrainDataset(load_records(config), config, seed=0)
+    captions = {dataset[(0, e)]["caption"] for e in range(8)}
+    assert len(captions) > 1 and all(c.startswith("trigger, ") for c in captions)
+    assert all(sorted(c.split(", ")) == sorted("trigger, red, round, small, shiny".split(", ")) for c in captions)
+    assert captions == {TrainDataset(load_records(config), config, seed=0)[(0, e)]["caption"] for e in range(8)}
+
+
+# ---------------------------------------------------------------- bad input (issue 12)
+
+def test_metadata_with_invalid_utf8_names_file_and_line(tmp_path):
+    write_images(tmp_path, n=2, captions="metadata")
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_bytes(meta.read_bytes() + b'{"file_name": "img0.png", "text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"metadata.jsonl line 3 is not valid UTF-8"):
+        load_records(cfg(tmp_path))
+    meta.unlink()
+    (tmp_path / "metadata.csv").write_bytes(b"file_name,text\nimg0.png,ok\nimg1.png,caf\xe9\n")
+    with pytest.raises(UserError, match=r"metadata.csv line 3 is not valid UTF-8"):
+        load_records(cfg(tmp_path))
+
+
+@pytest.mark.parametrize("value, message", [(5, "'file_name' must be a file name in quotes \\(got 5\\)"),
+                                            ("../outside.png", "'file_name' '../outside.png' points outside")])
+def test_metadata_file_name_not_a_name(tmp_path, value, message):
+    write_images(tmp_path, n=1, captions="none")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": value, "text": "x"}) + "\n")
+    with pytest.raises(UserError, match=rf"metadata.jsonl line 1: {message}") as e:
+        load_records(cfg(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_high_depth_images_are_converted_by_their_range(tmp_path):
+    ramp = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray((ramp * 4000 + 1000).astype(np.int32)).save(tmp_path / "int32.tif")
+    records = load_records(cfg(tmp_path, instance_prompt="x"))
+    assert len(records) == 3
+    for record in records:
+        image = record.load_image()
+        assert image.mode == "RGB" and image.getextrema()[0] == (0, 255), record.name
+        assert abs(np.asarray(image)[8, 8, 0] - 255 * ramp[8, 8]) <= 2, record.name  # mid-grey stays mid-grey
