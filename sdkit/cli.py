@@ -275,6 +275,22 @@ def bench(
                   baseline=baseline, rounds=rounds, clock=clock)
 
 
+data_app = typer.Typer(help="Check a recipe's training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    recipe: Path = typer.Argument(..., help="YAML recipe."),
+    overrides: Optional[List[str]] = OverridesArg,
+):
+    """Images, captions, unreadable files, sizes, buckets and samples per epoch of each dataset."""
+    from sdkit.recipe import load_recipe
+    from sdkit.training.datacheck import check_data
+
+    typer.echo(check_data(load_recipe(recipe, overrides or [])))
+
+
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run folder (data, base model, result, eval)."),

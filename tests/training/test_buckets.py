@@ -195,7 +195,7 @@ def test_two_processes_with_odd_bucket_sizes_run_the_same_steps(tiny_sd, tmp_pat
 
     sizes = [(48, 32)] * 5 + [(32, 48)] * 2 + [(32, 32)] * 3
     data = make_image_folder(tmp_path / "images", n=len(sizes), sizes=sizes)
-    recipe = write_recipe(tmp_path, tiny_sd, _bucket_data(data), tmp_path / "run", train={"epochs": 2, "batch_size": 2})
+    recipe = write_recipe(tmp_path, tiny_sd, _bucket_data(data), tmp_path / "run", train={"epochs": 2, "max_steps": None, "batch_size": 2})
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
