@@ -126,6 +126,10 @@ class DataConfig(_Section):
                              else "set data.dataset (or data.datasets, a list)")
         return self
 
+    def dataset_names(self) -> str:
+        """The dataset(s) as one line, for logs and model cards."""
+        return ", ".join(s.dataset for s in self.sources())
+
     def sources(self) -> list["DataConfig"]:
         """One data config per dataset: each entry of `datasets` over these keys, or itself."""
         if not self.datasets:

@@ -58,7 +58,7 @@ def describe(recipe: Recipe, processes: int) -> str:
     lines = [
         f"family: {family}   method: {recipe.method.type}"
         + (f" (rank {recipe.method.rank})" if recipe.method.type == "lora" else ""),
-        f"data: {recipe.data.dataset} at {recipe.data.resolution} px, cache {'on' if recipe.data.cache else 'off'}",
+        f"data: {recipe.data.dataset_names()} at {recipe.data.resolution} px, cache {'on' if recipe.data.cache else 'off'}",
         f"run: {length}, effective batch {effective} ({t.batch_size} x {t.gradient_accumulation} accumulation"
         f" x {processes} process{'es' if processes > 1 else ''}), mixed precision {t.mixed_precision}",
         f"output: {recipe.output_dir}" + (f"   resume from: {resume}" if resume else ""),

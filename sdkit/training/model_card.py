@@ -36,7 +36,7 @@ def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, 
         f"# {Path(run_dir).name}",
         "",
         f"{'LoRA' if method == 'lora' else 'Full fine-tune'} of `{recipe.model.pretrained}` ({family}) "
-        f"trained with sdkit for {steps} steps on `{recipe.data.dataset}` at {recipe.data.resolution} px.",
+        f"trained with sdkit for {steps} steps on `{recipe.data.dataset_names()}` at {recipe.data.resolution} px.",
         "",
         f"- learning rate {lr or recipe.optim.lr} ({recipe.optim.name}, {recipe.optim.lr_scheduler})",
         f"- batch size {recipe.train.batch_size} x {recipe.train.gradient_accumulation} accumulation",
