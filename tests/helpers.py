@@ -107,3 +107,51 @@ def check_resume_after_sigkill(tmp_path: Path, model, images, train: dict, **sec
 
         assert load_file(Path(tmp_path) / "straight" / result_file).keys() == load_file(out / result_file).keys()
     return out
+
+
+RANK_SCRIPT = """
+import json, sys
+from safetensors.torch import save_file
+from sdkit.recipe import load_recipe
+from sdkit.training.trainer import Trainer
+
+trainer = Trainer(load_recipe(sys.argv[1]))
+seen, shapes = [], []
+def record_batches(trainer):
+    compute = trainer.step.compute_loss
+    def recording(batch):
+        seen.extend(int(i) for i in batch["index"])
+        shapes.append(list((batch["moments"] if "moments" in batch else batch["pixel_values"]).shape[-2:]))
+        return compute(batch)
+    trainer.step.compute_loss = recording
+trainer.setup()
+record_batches(trainer)
+trainer.loop()
+trainer.finish()
+trainer.accelerator.end_training()
+rank = trainer.accelerator.process_index
+out = sys.argv[2]
+json.dump({"seen": seen, "shapes": shapes, "steps": trainer.state.step, "world": trainer.accelerator.num_processes},
+          open(f"{out}/seen-{rank}.json", "w"))
+save_file(trainer.trainable_state(), f"{out}/weights-{rank}.safetensors")
+"""
+
+
+def train_two_cpu_ranks(tmp_path: Path, recipe: Path, port: int) -> tuple[Path, list[dict]]:
+    """Train `recipe` on 2 CPU processes (accelerate's multi-GPU launcher with cpu=True ranks,
+    see ENVIRONMENT.md); returns the results folder and, per rank, the batch indices and
+    shapes it trained, its steps and the world size (weights in results/weights-RANK.safetensors)."""
+    import json
+
+    script = Path(tmp_path) / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    results = Path(tmp_path) / "results"
+    results.mkdir(exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "--num_cpu_threads_per_process", "1",
+           str(script), str(recipe), str(results)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return results, [json.loads((results / f"seen-{r}.json").read_text()) for r in (0, 1)]

@@ -9,7 +9,6 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
-import torch
 
 from helpers import fit_with, write_recipe
 from sdkit.training.batches import BucketBatchSampler
@@ -108,7 +107,7 @@ def _record_batches(trainer, hook_time_ids=False):
     return calls, received
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["cached", "random-crop"])
+@pytest.mark.parametrize("cached", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["cached", "random-crop"])
 def test_sdxl_buckets_get_real_sizes_crops_and_targets(tiny_sdxl, mixed_folder, tmp_path, cached):
     """3:2, 2:3 and 1:1 images at 32 px: three buckets, crops no larger than the step's
     rounding, every batch one size, and the time ids the UNet receives are each image's
@@ -117,7 +116,7 @@ def test_sdxl_buckets_get_real_sizes_crops_and_targets(tiny_sdxl, mixed_folder, 
     from sdkit.training.trainer import Trainer
 
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path, tiny_sdxl, mixed_folder, out, train={"max_steps": 6, "batch_size": 2})
+    recipe = write_recipe(tmp_path, tiny_sdxl, mixed_folder, out, train={"max_steps": 4, "batch_size": 2})
     extra = [] if cached else ["data.center_crop=false", "data.random_flip=true"]
     trainer = Trainer(load_recipe(recipe, BUCKETS + extra))
     calls, received = _record_batches(trainer, hook_time_ids=True)
@@ -130,7 +129,7 @@ def test_sdxl_buckets_get_real_sizes_crops_and_targets(tiny_sdxl, mixed_folder, 
         lost_w, lost_h = row["resized"][0] - row["bucket"][0], row["resized"][1] - row["bucket"][1]
         assert 0 <= lost_w < STEP and 0 <= lost_h < STEP  # no more than the rounding to the step
     dataset = getattr(trainer.data.dataset, "dataset", trainer.data.dataset)
-    assert len(calls) == len(received) == 6
+    assert len(calls) == len(received) == 4
     for call, ids in zip(calls, received):
         placements = [dataset.placement(i) for i in call["index"]]
         assert len({p.bucket for p in placements}) == 1  # one bucket per batch
@@ -162,48 +161,16 @@ def test_sigkill_mid_epoch_with_buckets_resumes_to_the_same_weights(tiny_sd, mix
                                {"max_steps": 7, "batch_size": 2, "checkpoint_every": 2})
 
 
-RANK_SCRIPT = """
-import json, sys
-from sdkit.recipe import load_recipe
-from sdkit.training.trainer import Trainer
-
-trainer = Trainer(load_recipe(sys.argv[1]))
-shapes = []
-def record(trainer):
-    compute = trainer.step.compute_loss
-    def recording(batch):
-        shapes.append(list(batch["moments"].shape[-2:]))
-        return compute(batch)
-    trainer.step.compute_loss = recording
-trainer.setup()
-record(trainer)
-trainer.loop()
-trainer.finish()
-trainer.accelerator.end_training()
-json.dump({"shapes": shapes, "steps": trainer.state.step}, open(f"{sys.argv[2]}/rank-{trainer.accelerator.process_index}.json", "w"))
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_with_odd_bucket_sizes_run_the_same_steps(tiny_sd, tmp_path):
     """5 + 2 + 3 images over 3 buckets, 2 ranks x batch 2: no rank runs a batch more (which
     would hang DDP), and at every step both ranks train the same bucket shape."""
-    import subprocess
-    import sys
-
+    from helpers import train_two_cpu_ranks
     from sdkit.quickstart.tiny import make_image_folder
 
     sizes = [(48, 32)] * 5 + [(32, 48)] * 2 + [(32, 32)] * 3
     data = make_image_folder(tmp_path / "images", n=len(sizes), sizes=sizes)
     recipe = write_recipe(tmp_path, tiny_sd, _bucket_data(data), tmp_path / "run", train={"epochs": 2, "max_steps": None, "batch_size": 2})
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29531", "--num_cpu_threads_per_process", "1", str(script), str(recipe), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    _, ranks = train_two_cpu_ranks(tmp_path, recipe, port=29531)
     assert ranks[0]["steps"] == ranks[1]["steps"] == 2 * (1 + 1 + 1)  # per epoch: 5//4, max(1, 2//4), 3//4 -> 1 each
     assert ranks[0]["shapes"] == ranks[1]["shapes"] and len({tuple(s) for s in ranks[0]["shapes"]}) == 3

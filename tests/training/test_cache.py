@@ -163,7 +163,7 @@ def test_a_changed_resolution_encodes_every_image_again(tiny_sd, image_folder, t
     after = cache_files(out)
     assert not set(after) & set(before) - {p for p in before if p.name.startswith("empty")}
     sizes = {load_file(out / "cache" / p)["moments"].shape[-1] for p in after if not p.name.startswith("empty")}
-    assert sizes == {2}  # 16 px latents only: the 32 px entries were pruned
+    assert sizes == {8}  # 16 px through the tiny VAE (factor 2) only: the 32 px entries were pruned
 
 
 def test_encoder_weights_replaced_in_place_invalidate(tiny_sd, image_folder, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import check_resume_after_sigkill, loss_fell, train_recipe, write_recipe
+from helpers import check_resume_after_sigkill, loss_fell, train_recipe, train_two_cpu_ranks, write_recipe
 
 
 def generate(pipe, seed=0):
@@ -106,32 +106,6 @@ def test_incomplete_checkpoint_is_never_resumed(tiny_sd, images, tmp_path):
     assert find_resume_checkpoint(load_recipe(recipe)).name == "checkpoint-0000002"
 
 
-RANK_SCRIPT = """
-import json, sys
-from safetensors.torch import save_file
-from sdkit.recipe import load_recipe
-from sdkit.training.trainer import Trainer
-
-trainer = Trainer(load_recipe(sys.argv[1]))
-seen = []
-def record_batches(trainer):
-    compute = trainer.step.compute_loss
-    def recording(batch):
-        seen.extend(int(i) for i in batch["index"])
-        return compute(batch)
-    trainer.step.compute_loss = recording
-trainer.setup()
-record_batches(trainer)
-trainer.loop()
-trainer.finish()
-trainer.accelerator.end_training()
-rank = trainer.accelerator.process_index
-out = sys.argv[2]
-json.dump({"seen": seen, "world": trainer.accelerator.num_processes}, open(f"{out}/seen-{rank}.json", "w"))
-save_file(trainer.trainable_state(), f"{out}/weights-{rank}.safetensors")
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_shard_data_and_agree_on_weights(tiny_sd, tmp_path):
     from sdkit.quickstart.tiny import make_image_folder
@@ -139,23 +113,13 @@ def test_two_processes_shard_data_and_agree_on_weights(tiny_sd, tmp_path):
     data = make_image_folder(tmp_path / "images", n=8, size=32)
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path, tiny_sd, data, out, train={"max_steps": 6, "batch_size": 2})
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    (tmp_path / "results").mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29517", "--num_cpu_threads_per_process", "1",
-           str(script), str(recipe), str(tmp_path / "results")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = [json.loads((tmp_path / "results" / f"seen-{r}.json").read_text()) for r in (0, 1)]
+    results, seen = train_two_cpu_ranks(tmp_path, recipe, port=29517)
     assert all(s["world"] == 2 for s in seen)
     first_epoch = [set(s["seen"][:4]) for s in seen]  # 8 images, 2 ranks x batch 2 x 2 batches per epoch
     assert not first_epoch[0] & first_epoch[1], "ranks saw the same images"
     assert first_epoch[0] | first_epoch[1] == set(range(8))
-    w0 = load_file(tmp_path / "results" / "weights-0.safetensors")
-    w1 = load_file(tmp_path / "results" / "weights-1.safetensors")
+    w0 = load_file(results / "weights-0.safetensors")
+    w1 = load_file(results / "weights-1.safetensors")
     assert max((w0[k] - w1[k]).abs().max().item() for k in w0) == 0.0
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
