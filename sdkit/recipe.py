@@ -139,7 +139,9 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw (torch) or adamw8bit (bitsandbytes).")
+    name: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+        "adamw", description="adamw (torch), adamw8bit (bitsandbytes) or adafactor (transformers; factored second moments)."
+    )
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     scale_lr: bool = Field(False, description="Multiply lr by batch size x accumulation x processes.")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
@@ -150,7 +152,21 @@ class OptimConfig(_Section):
         "constant", description="Learning-rate schedule."
     )
     warmup_steps: int = Field(0, ge=0, description="Warm-up steps of the schedule.")
-    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+    max_grad_norm: Optional[float] = Field(
+        1.0, gt=0, description="Gradient clipping norm; null disables. With fused_backward: per parameter tensor."
+    )
+    fused_backward: bool = Field(
+        False, description="Update each parameter during backward and free its gradient at once (no full set of "
+        "gradients ever exists); needs train.gradient_accumulation=1."
+    )
+    relative_step: bool = Field(
+        False, description="adafactor: its own time-dependent step size (lr and the schedule are then unused)."
+    )
+
+
+# train.compile=auto compiles runs at least this long: compiling takes ~20-60 s on a CPU and
+# ~1-2 min for SDXL on a GPU, which a run must win back (1.2-1.6x steps/s) before it pays.
+COMPILE_AUTO_MIN_STEPS = 1000
 
 
 class TrainConfig(_Section):
@@ -183,7 +199,15 @@ class TrainConfig(_Section):
     checkpoints_keep: int = Field(3, ge=1, description="How many checkpoints to keep (oldest removed).")
     resume: Optional[str] = Field(None, description="auto (newest complete checkpoint) or a checkpoint folder.")
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere and newer GPUs.")
-    compile: bool = Field(False, description="torch.compile the denoiser.")
+    compile: Literal["auto", True, False] = Field(
+        "auto", description=f"torch.compile the denoiser; auto: for runs of {COMPILE_AUTO_MIN_STEPS}+ steps on "
+        "CUDA or CPU (one warning and eager training if compiling fails)."
+    )
+    weights_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the trained weights; bf16 halves weights and gradients and rounds each update "
+        "stochastically (needs mixed_precision bf16)."
+    )
+    ema_on_cpu: bool = Field(False, description="Keep the EMA on the CPU (saves 4 bytes a weight of GPU memory).")
     channels_last: bool = Field(False, description="channels_last memory format for the UNet.")
 
     @field_validator("mixed_precision", mode="before")
@@ -192,10 +216,17 @@ class TrainConfig(_Section):
         # YAML reads a bare `no` (train.mixed_precision=no) as false.
         return "no" if value is False else value
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_word(cls, value):
+        return {"true": True, "false": False, "yes": True, "no": False}.get(value, value) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _length(self):
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.weights_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ValueError("weights_dtype bf16 needs mixed_precision bf16 (the frozen weights and autocast match it)")
         return self
 
 
@@ -245,6 +276,34 @@ class Recipe(_Section):
     def ema_applies(self) -> bool:
         """An EMA averages the whole denoiser: kept for full fine-tunes only."""
         return self.train.ema and self.method.type == "full"
+
+    def compiles(self, device_type: str) -> bool:
+        """Whether the denoiser is compiled on a `device_type` ("cuda", "cpu", "mps") accelerator.
+        auto: on CUDA and CPU (inductor) for runs long enough to win the compile time back."""
+        setting = self.train.compile
+        if setting != "auto":
+            return bool(setting)
+        long_run = self.train.max_steps is None or self.train.max_steps >= COMPILE_AUTO_MIN_STEPS
+        return device_type in ("cuda", "cpu") and long_run
+
+    @property
+    def global_clip_norm(self) -> Optional[float]:
+        """The step's clipping norm over all gradients; None with a fused backward, whose
+        gradients never exist together (each tensor is clipped alone in its hook)."""
+        return None if self.optim.fused_backward else self.optim.max_grad_norm
+
+    def fused_backward_blocker(self) -> Optional[str]:
+        """Why optim.fused_backward cannot be used with this recipe, or None."""
+        if not self.optim.fused_backward:
+            return None
+        if self.train.gradient_accumulation > 1:
+            return ("optim.fused_backward: each update is applied during backward, so gradients cannot "
+                    f"accumulate over micro-batches; set train.gradient_accumulation=1 (now "
+                    f"{self.train.gradient_accumulation}) or a larger train.batch_size")
+        if self.train.mixed_precision == "fp16":
+            return ("optim.fused_backward: fp16 loss scaling needs every gradient before the step; "
+                    "use train.mixed_precision=bf16")
+        return None
 
     def cache_blocker(self) -> Optional[str]:
         """Why latents and text embeddings cannot be cached, or None when they can."""
@@ -440,6 +499,9 @@ def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = f
                 check_local_ref(ref, key)
             except UserError as e:
                 problems.append(f"{origin(key)}: {e}")
+    fused = recipe.fused_backward_blocker()
+    if fused:
+        problems.append(f"{origin('optim.fused_backward')}: {fused}")
     problems += [f"{origin(line.split(':', 1)[0])}: {line}" for line in _family_problems(recipe)]
     if problems:
         raise UserError("\n".join(problems))

@@ -21,7 +21,9 @@ def write_recipe(tmp_path: Path, model, data, out, **sections) -> Path:
         "model": {"pretrained": str(model)},
         "method": {"type": "lora", "rank": 4},
         "data": {"resolution": 32, **(data if isinstance(data, dict) else {"dataset": str(data)})},
-        "train": {"batch_size": 4, "max_steps": 20, "checkpoint_every": 1000, "seed": 0},
+        # compile off: train.compile=auto would not compile runs this short anyway, and a test
+        # that compiles says so (tests/training/test_compile.py): compiling on a CPU takes tens of seconds.
+        "train": {"batch_size": 4, "max_steps": 20, "checkpoint_every": 1000, "seed": 0, "compile": False},
         "optim": {"lr": 1e-3},
         "logging": {"tensorboard": False},
         "output_dir": str(out),

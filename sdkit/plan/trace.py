@@ -13,7 +13,9 @@ already held), under `StepMemTracker`, which records each phase's peak by catego
 What stands in for the GPU (sdkit.plan.tracker says why): the `PlanAccelerator` below for
 accelerate (plain backward, CPU autocast with CUDA's policy), bf16 for fp16 (same bytes),
 the flash SDPA kernel (what CUDA's fused kernels save: no L x L score matrix), and, for
-`optim.name=adamw8bit`, an optimizer with bitsandbytes' state tensors. Frozen text encoders
+`optim.name=adamw8bit`, an optimizer with bitsandbytes' state tensors (wrapped like the real one
+for bf16 weights or a fused backward, whose per-parameter updates then run inside the traced
+backward, as they do in training). Frozen text encoders
 are not run: the batch carries their output (as the latent cache would), and sdkit.plan adds
 their weights. Validation sampling (the denoiser on the CFG batch, the VAE decode of one
 image) is traced after the step when the recipe has prompts.
@@ -246,7 +248,8 @@ def _build_step(recipe, model, family, adapter, modules, fake: bool):
     # micro-batch stands for all of them (each frees what the last one made).
     for p in step.params:
         p.grad = torch.zeros_like(p)
-    step.optimizer.step()
+    # A fused backward's step() only counts (its updates happen in backward): step each parameter.
+    getattr(step.optimizer, "step_each", step.optimizer.step)()
     if recipe.train.gradient_accumulation == 1:
         step.optimizer.zero_grad(set_to_none=True)
     step.accumulation = 1
@@ -298,7 +301,7 @@ def trace_training_step(recipe, model, *, fake: bool = True) -> TraceResult:
         step = _build_step(recipe, model, family, adapter, modules, fake)
         batch_phase = "forward/backward" if recipe.cache_used else "encode"
         tracker = StepMemTracker()
-        ema = list(step.ema.shadow.values()) if step.ema else []
+        ema = list(step.ema.shadow.values()) if step.ema and not recipe.train.ema_on_cpu else []
         tracker.track_external(*step.modules, step.optimizer, *ema)
         tracker.track_gradients(step.params)
         step.phase = lambda name: tracker.in_phase(PLAN_PHASES.get(name, batch_phase))

@@ -127,7 +127,8 @@ class StepMemTracker(MemTracker):
         """Count gradients as such once accumulated (MemTracker's module hooks would do it)."""
 
         def categorize(p):
-            self._update_and_maybe_create_winfos(p.grad, _MemRefType.GRAD)
+            if p.grad is not None:  # a fused backward's hook (registered first) may have freed it
+                self._update_and_maybe_create_winfos(p.grad, _MemRefType.GRAD)
 
         self._grad_hooks = [p.register_post_accumulate_grad_hook(categorize) for p in params]
 

@@ -36,24 +36,26 @@ class FullFineTune:
     def __init__(self, method):
         self.method = method
 
-    def attach(self, family) -> list:
-        """Mark what trains, in fp32 master weights; returns the trainable modules (denoiser first)."""
+    def attach(self, family, dtype=None) -> list:
+        """Mark what trains, in fp32 master weights (or `dtype`: train.weights_dtype); returns
+        the trainable modules (denoiser first)."""
         import torch
 
         _freeze(family)
+        self.dtype = dtype or torch.float32
         modules = [family.denoiser]
         if self.method.train_text_encoder:
             modules += family.text_encoders
         for module in modules:  # trainable weights stay fp32 under mixed precision
-            module.to(torch.float32)
+            module.to(self.dtype)
             module.requires_grad_(True)
         return modules
 
     def compute_dtype(self, weight_dtype):
-        """The denoiser's inputs match its fp32 weights (autocast lowers the matmuls)."""
+        """The denoiser's inputs match its trained weights (autocast lowers the matmuls)."""
         import torch
 
-        return torch.float32
+        return getattr(self, "dtype", torch.float32)
 
     def shape(self, family) -> dict:
         return {"method.type": self.kind, "method.train_text_encoder": self.method.train_text_encoder}
@@ -81,7 +83,9 @@ class LoRA:
     def targets(self, family) -> list[str]:
         return list(self.method.target_modules or family.lora_targets)
 
-    def attach(self, family) -> list:
+    def attach(self, family, dtype=None) -> list:
+        import torch
+
         _freeze(family)
         family.denoiser.add_adapter(_lora_config(self.method, self.targets(family)))
         modules = [family.denoiser]
@@ -89,10 +93,10 @@ class LoRA:
             for enc in family.text_encoders:
                 enc.add_adapter(_lora_config(self.method, family.text_encoder_lora_targets))
                 modules.append(enc)
-        for module in modules:  # adapters train in fp32 even when the base is fp16/bf16
+        for module in modules:  # adapters train in fp32 (or `dtype`) even when the base is fp16/bf16
             for p in module.parameters():
                 if p.requires_grad:
-                    p.data = p.data.float()
+                    p.data = p.data.to(dtype or torch.float32)
         return modules
 
     def compute_dtype(self, weight_dtype):

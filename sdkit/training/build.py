@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from sdkit.training.optim import EMA, make_lr_schedule, make_optimizer
+from sdkit.errors import UserError
+from sdkit.training.optim import EMA, make_lr_schedule, make_optimizer, training_optimizer
 from sdkit.training.step import TrainStep
 
 
@@ -25,6 +26,13 @@ def weight_dtype(precision: str):
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def trained_dtype(recipe):
+    """dtype of the trained weights: fp32 masters, or bf16 (train.weights_dtype)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[recipe.train.weights_dtype]
+
+
 def load_family(recipe, family_name: str, dtype):
     from sdkit.families import family_class
 
@@ -33,7 +41,7 @@ def load_family(recipe, family_name: str, dtype):
 
 def prepare_modules(family, adapter, recipe) -> list:
     """Attach the adapter and apply the memory options; returns the trainable modules, denoiser first."""
-    modules = adapter.attach(family)
+    modules = adapter.attach(family, dtype=trained_dtype(recipe))
     t = recipe.train
     if t.gradient_checkpointing:
         for module in modules:
@@ -56,20 +64,34 @@ def total_steps(recipe, batches_per_epoch: int) -> int:
 
 
 def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, steps: int,
-               optimizer_factory: Callable = make_optimizer) -> TrainStep:
-    """Optimizer, schedule, objective, EMA and noise generator around the prepared modules."""
+               optimizer_factory: Callable = make_optimizer, compile: Optional[bool] = None) -> TrainStep:
+    """Optimizer, schedule, objective, EMA and noise generator around the prepared modules.
+    `optimizer_factory(params, optim, lr)` makes the recipe's optimizer (plan stands in its own);
+    `compile` defaults to what the recipe says for the accelerator's device."""
     import torch
 
     from sdkit.training.objectives import make_objective
 
+    if recipe.optim.fused_backward and accelerator.num_processes > 1:
+        # DDP averages gradients after backward; a fused update would use this rank's alone.
+        raise UserError("optim.fused_backward: runs on one process only (gradients are averaged across "
+                        f"processes after backward, the updates happen during it); this run has {accelerator.num_processes}")
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = optimizer_factory(params, recipe.optim, recipe.learning_rate(accelerator.num_processes))
+    optimizer = training_optimizer(params, recipe.optim, recipe.learning_rate(accelerator.num_processes),
+                                   base=optimizer_factory, seed=recipe.train.seed)
     schedule = make_lr_schedule(optimizer, recipe.optim, steps)
-    if recipe.train.compile:
-        modules = [torch.compile(modules[0]), *modules[1:]]
+    compile = recipe.compiles(accelerator.device.type) if compile is None else compile
+    guard = None
+    if compile:
+        from sdkit.training.compiled import compile_module
+
+        guard = compile_module(modules[0], recipe.output_dir)
     prepared = accelerator.prepare(*modules, optimizer, schedule)
     modules, (optimizer, schedule) = list(prepared[: len(modules)]), prepared[len(modules):]
-    ema = EMA(accelerator.unwrap_model(modules[0]), recipe.train.ema_decay) if recipe.ema_applies else None
+    ema = None
+    if recipe.ema_applies:
+        ema = EMA(accelerator.unwrap_model(modules[0]), recipe.train.ema_decay,
+                  device="cpu" if recipe.train.ema_on_cpu else None)
     # All randomness of a step (latent sampling, noise, timesteps) comes from this stream,
     # one per rank, saved in every checkpoint: resumed runs draw exactly the same numbers.
     rng = torch.Generator().manual_seed(recipe.train.seed * 1000 + accelerator.process_index)
@@ -78,8 +100,8 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
         objective=make_objective(family.objective, family.scheduler_config, recipe.train),
         optimizer=optimizer, lr_scheduler=schedule, accelerator=accelerator, noise_rng=rng,
         compute_dtype=adapter.compute_dtype(dtype), resolution=recipe.data.resolution,
-        accumulation=recipe.train.gradient_accumulation, max_grad_norm=recipe.optim.max_grad_norm,
-        ema=ema, trains_text=recipe.method.train_text_encoder,
+        accumulation=recipe.train.gradient_accumulation, max_grad_norm=recipe.global_clip_norm,
+        ema=ema, trains_text=recipe.method.train_text_encoder, compile_guard=guard,
     )
 
 

@@ -1,7 +1,21 @@
 """The optimizer, its learning-rate schedule and the EMA of the weights, as the trainer builds them.
 
+`make_optimizer` builds the recipe's optimizer (AdamW, bitsandbytes' AdamW8bit or transformers'
+Adafactor); `training_optimizer` wraps it, when the recipe asks for it, in `ParamwiseOptimizer`, which owns the two
+memory savers of full fine-tunes on 24 GB:
+- bf16 trained weights (train.weights_dtype=bf16): each parameter is updated in fp32 and written
+  back with stochastic rounding, so updates smaller than bf16's spacing are kept on average
+  instead of being rounded away;
+- a fused backward (optim.fused_backward): each parameter is updated in a post-accumulate-grad
+  hook as soon as its gradient exists, and the gradient is freed at once, so no full set of
+  gradients ever exists.
+The trainer's step does not know either: `step()` and `zero_grad()` keep their meaning
+(sdkit.training.paramwise holds the wrapper: it subclasses torch's Optimizer, and this module
+imports without torch).
+
 `sdkit plan` builds the same optimizer on fake tensors (bitsandbytes' 8-bit AdamW excepted: its
-kernels do not run on fake tensors, so plan stands in an optimizer with the same state tensors).
+kernels do not run on fake tensors, so plan passes `training_optimizer` a `base` with the same
+state tensors).
 """
 
 from __future__ import annotations
@@ -10,9 +24,11 @@ from sdkit.errors import UserError
 
 
 def make_optimizer(params, optim, lr: float):
-    """AdamW (fused) or bitsandbytes' AdamW8bit over `params`, at peak learning rate `lr`."""
+    """The recipe's optimizer over `params`, at peak learning rate `lr`."""
     import torch
 
+    if optim.name == "adafactor":
+        return _adafactor(params, optim, lr)
     kwargs = dict(lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.name == "adamw8bit":
         try:
@@ -28,6 +44,34 @@ def make_optimizer(params, optim, lr: float):
     return torch.optim.AdamW(params, fused=(not mps_only) or None, **kwargs)
 
 
+def _adafactor(params, optim, lr: float):
+    """transformers' Adafactor: factored second moments (a row and a column vector per matrix)
+    instead of Adam's two full moments; a fixed lr, or its own relative step size."""
+    from transformers.optimization import Adafactor
+
+    # Relative step: lr must be None to construct it; it is set afterwards only so that the
+    # schedule (then unused) has a number to scale.
+    opt = Adafactor(params, lr=None if optim.relative_step else lr, relative_step=optim.relative_step,
+                    scale_parameter=optim.relative_step, warmup_init=False, weight_decay=optim.weight_decay)
+    if optim.relative_step:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return opt
+
+
+def training_optimizer(params, optim, lr: float, *, base=make_optimizer, seed: int = 0):
+    """`base(params, optim, lr)`, wrapped in a ParamwiseOptimizer when the weights are bf16 or
+    the backward is fused (fp32 weights and an ordinary backward get the plain optimizer)."""
+    from sdkit.training.paramwise import LOW_PRECISION, ParamwiseOptimizer
+
+    params = list(params)
+    inner = base(params, optim, lr)
+    low = any(p.dtype in LOW_PRECISION for p in params)
+    if not (low or optim.fused_backward):
+        return inner
+    return ParamwiseOptimizer(inner, fused_backward=optim.fused_backward, clip_norm=optim.max_grad_norm, seed=seed)
+
+
 def make_lr_schedule(optimizer, optim, total_steps: int):
     from diffusers.optimization import get_scheduler
 
@@ -36,11 +80,15 @@ def make_lr_schedule(optimizer, optim, total_steps: int):
 
 
 class EMA:
-    """Exponential moving average of the trainable weights (fp32), for full fine-tunes."""
+    """Exponential moving average of the trainable weights (fp32), for full fine-tunes; on the
+    CPU (`device="cpu"`) it costs no accelerator memory, at a copy of the weights a step."""
 
-    def __init__(self, module, decay: float):
+    def __init__(self, module, decay: float, device=None):
+        import torch
+
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().to(device or p.device, torch.float32, copy=True)
+                       for n, p in module.named_parameters() if p.requires_grad}
 
     def update(self, module, step: int) -> None:
         import torch
@@ -50,7 +98,8 @@ class EMA:
         with torch.no_grad():
             for n, p in module.named_parameters():
                 if n in self.shadow:
-                    self.shadow[n].lerp_(p.detach().float(), 1.0 - decay)
+                    shadow = self.shadow[n]
+                    shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - decay)
 
     def copy_to(self, module) -> None:
         import torch
@@ -58,4 +107,4 @@ class EMA:
         with torch.no_grad():
             for n, p in module.named_parameters():
                 if n in self.shadow:
-                    p.copy_(self.shadow[n].to(p.dtype))
+                    p.copy_(self.shadow[n].to(p.device, p.dtype))

@@ -12,6 +12,10 @@ accelerate's Accelerator methods used here (backward, clip_grad_norm_, autocast,
 unwrap_model, device, num_processes): plan passes a plain-torch stand-in. `phase(name)` is a
 context manager factory the caller may replace to time or trace the phases "data",
 "encoders", "forward", "backward" and "optimizer".
+
+A fused backward (optim.fused_backward) lives in the optimizer (sdkit.training.paramwise): its
+updates happen in gradient hooks during `backward` and its `step()` only counts, so the step
+does not branch on it. A compiled denoiser's first call goes through its CompileGuard.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class TrainStep:
     max_grad_norm: Optional[float] = None
     ema: Any = None
     trains_text: bool = False  # the text encoders are among `modules`
+    compile_guard: Any = None  # sdkit.training.compiled.CompileGuard when the denoiser is compiled
     phase: Callable[[str], Any] = field(default=no_phase, repr=False)
 
     def __call__(self, batches: Iterator[dict], step_number: int):
@@ -63,7 +68,13 @@ class TrainStep:
         return total / self.accumulation
 
     def compute_loss(self, batch: dict):
-        """The objective's loss on one micro-batch."""
+        """The objective's loss on one micro-batch (a compiled denoiser's first call is guarded:
+        a compile failure warns once and the micro-batch is computed again eagerly)."""
+        if self.compile_guard is not None:
+            return self.compile_guard.run(lambda: self._loss(batch), self.noise_rng)
+        return self._loss(batch)
+
+    def _loss(self, batch: dict):
         moments, text = self._encode(batch)
         family = self.family
         latents = family.sample_latents(moments, self.noise_rng).to(self.accelerator.device)

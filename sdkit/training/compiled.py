@@ -1,0 +1,82 @@
+"""torch.compile of the denoiser for training: compiled once per input shape, the compiled
+code cached in the run folder, and eager training on a compile failure.
+
+Shapes: the denoiser is compiled with static shapes (`dynamic=False`), so each batch shape
+(each aspect bucket) compiles once and is then reused, never once per step; the recompile limit
+is raised so that many buckets stay compiled. Static shapes give inductor the most to fuse.
+
+Failures: compiling happens on the first call. The backward is lowered together with the
+forward (not lazily at the first backward), so a failure (no C++ compiler, an op inductor
+cannot lower) surfaces in the forward, where `CompileGuard` catches it once: one warning
+naming the reason, the module goes back to eager, and the micro-batch is computed again from
+the same random numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+RECOMPILE_LIMIT = 64  # distinct batch shapes (buckets) kept compiled
+
+
+def inductor_cache(run_dir) -> Path:
+    """The inductor/AOTAutograd cache: in the run folder, so a resumed run reuses its compiled
+    code; TORCHINDUCTOR_CACHE_DIR, when set, wins (one cache for all runs)."""
+    path = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or Path(run_dir) / "compile-cache")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def compile_module(module, run_dir) -> "CompileGuard":
+    """Compile `module` in place (its state_dict keys do not change); returns its guard."""
+    import torch
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    inductor_cache(run_dir)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
+    functorch_config.force_non_lazy_backward_lowering = True
+    module.compile(dynamic=False)
+    return CompileGuard(module)
+
+
+def uncompile(module) -> None:
+    module._compiled_call_impl = None  # nn.Module.compile's compiled call; None: eager again
+
+
+def _compile_errors() -> tuple:
+    import torch._dynamo.exc
+    import torch._inductor.exc
+
+    return (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError,
+            torch._inductor.exc.CppCompileError)
+
+
+class CompileGuard:
+    """Runs the compiled module's first forward; on a compile error: one warning, then eager."""
+
+    def __init__(self, module):
+        self.module = module
+        self.pending = True  # until one compiled forward (and its backward's lowering) succeeded
+        self.failure = None
+
+    def run(self, compute, rng):
+        """`compute()` once; if compiling fails, again eagerly with `rng` where it started."""
+        if not self.pending:
+            return compute()
+        start = rng.get_state()
+        try:
+            out = compute()
+        except _compile_errors() as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.failure = f"{type(e).__name__}: {reason}"[:300]
+            warnings.warn(f"train.compile: compiling the denoiser failed ({self.failure}); training goes on eagerly",
+                          RuntimeWarning, stacklevel=2)
+            uncompile(self.module)
+            rng.set_state(start)
+            out = compute()
+        self.pending = False
+        return out
