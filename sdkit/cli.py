@@ -80,6 +80,7 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="Force a device (cuda, cpu, mps)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
     profile: bool = typer.Option(False, "--profile", help="Time text encoding, denoising and decoding; report peak memory."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (pays off over many images)."),
 ):
     from sdkit.inference.default_model import use_model
     from sdkit.inference.generate import check_size, generate_command
@@ -89,7 +90,7 @@ def generate(
         prompts=prompts, model=use_model(model).ref, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
         height=height, num_images=num_images, batch_size=batch_size, scheduler=scheduler, out=out,
-        device=device, dtype=dtype, profile=profile,
+        device=device, dtype=dtype, profile=profile, compile=compile,
     )
 
 
@@ -118,6 +119,7 @@ def evaluate(
     out: Path = typer.Option(Path("eval"), "--out", help="Folder for report.json, scores.csv and grid.png."),
     device: Optional[str] = typer.Option(None, "--device", help="Force a device."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (pays off over many images)."),
 ):
     from sdkit.inference.default_model import models_to_compare
     from sdkit.inference.evaluate import eval_command
@@ -125,7 +127,7 @@ def evaluate(
     eval_command(
         prompts=prompts, models=models_to_compare(model), lora=lora, metric=metric, clip_model=clip_model,
         images_per_prompt=images_per_prompt, batch_size=batch_size, steps=steps, guidance=guidance, seed=seed,
-        width=width, height=height, out=out, device=device, dtype=dtype,
+        width=width, height=height, out=out, device=device, dtype=dtype, compile=compile,
     )
 
 

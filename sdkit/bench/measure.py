@@ -66,6 +66,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (dynamo, AOTAutograd, inductor;
+    a lazily lowered backward included), from torch's own counters; 0 before any compile."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0.0
+    metrics = utils.compilation_time_metrics
+    return sum(metrics.get("_compile.compile_inner", [])) + sum(metrics.get("compile_fx.<locals>.bw_compiler", []))
+
+
 def reset_peak_memory() -> None:
     if cuda():
         import torch
@@ -97,6 +109,8 @@ class Measurement:
     phase_s: dict[str, dict[str, float]] = field(default_factory=_zeros)
     peak_memory: int = 0
     last_loss: float = float("nan")
+    first_step_s: float = 0.0  # latency of the first warm-up step (compiling included)
+    compile_s: float = 0.0  # torch.compile time during the warm-up
 
     def clear_steps(self) -> None:
         self.step_s = {c: [] for c in CLOCKS}
@@ -125,5 +139,7 @@ class Measurement:
             "peak_memory_bytes": self.peak_memory,
             "setup_s": self.setup_s,
             "cache_build_s": self.cache_build_s,
+            "first_step_s": self.first_step_s,
+            "compile_s": self.compile_s,
             "last_loss": self.last_loss,
         }

@@ -34,6 +34,8 @@ def print_report(report: dict, console=None) -> None:
         (f"peak, {report['memory']}", lambda s: format_bytes(s["peak_memory_bytes"])),
         ("set-up s", lambda s: f"{s['setup_s']:.1f}"),
         ("  cache build s", lambda s: f"{s['cache_build_s']:.1f}"),
+        ("first step s", lambda s: f"{s['first_step_s']:.2f}"),
+        ("  compile s", lambda s: f"{s['compile_s']:.1f}"),
     ]
     for name, cell in rows:
         table.add_row(name, *(cell(s) for s in report["variants"]))

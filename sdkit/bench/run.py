@@ -9,6 +9,11 @@ every boundary synchronises, so the split is real time.
 The sdkit variants run the trainer's public `TrainStep`, set up by `Trainer.setup()` exactly
 as `sdkit train` sets it up: no second training loop. The plain loop (sdkit.bench.baseline)
 is the reference to compare against.
+
+Compiling (train.compile) happens in the first step: the report gives the first step's latency
+and the compile time (torch's own counters) apart from the steady steps/s, which counts only the
+timed steps after the warm-up. `train.compile: auto` is decided for the run the recipe describes
+(its max_steps), not for the bench's few steps.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Optional
 
 from sdkit.bench.baseline import PLAIN_LABEL, PlainLoopRunner, check_plain_loop_supported
 from sdkit.bench.measure import (
-    CLOCKS, Measurement, PhaseTimer, _now, cuda, peak_memory, reset_peak_memory, sync,
+    CLOCKS, Measurement, PhaseTimer, _now, compile_seconds, cuda, peak_memory, reset_peak_memory, sync,
 )
 from sdkit.bench.report import print_report
 from sdkit.errors import UserError
@@ -40,6 +45,9 @@ def bench_recipe(recipe_path: str, overrides: list[str], *, steps: int, warmup: 
     from sdkit.recipe import load_recipe
 
     r = load_recipe(recipe_path, list(overrides))
+    # train.compile=auto depends on the run's length: decide it for the run the recipe describes,
+    # before the bench shortens it.
+    r.train.compile = r.compiles("cuda" if cuda() else "cpu")
     total = warmup + steps
     per_step = r.train.batch_size * r.train.gradient_accumulation
     r.output_dir = str(out)
@@ -200,10 +208,12 @@ def _interleaved(variants, recipe_path, steps, warmup, rounds, root, console) ->
         reset_peak_memory()
         runner = _build(v, recipe_path, steps, warmup, root, i, console)
         timer = PhaseTimer(sync)
-        _run_steps(runner, Measurement(v.label, 0, 0.0), timer, warmup)
+        warm = Measurement(v.label, 0, 0.0)
+        _warm_up(runner, warm, timer, warmup)
         runners.append((runner, timer))
         measured.append(Measurement(runner.label, runner.samples_per_step, runner.setup_s, runner.cache_build_s,
-                                    peak_memory=peak_memory()))
+                                    peak_memory=peak_memory(), first_step_s=warm.first_step_s,
+                                    compile_s=warm.compile_s))
     console.print(f"[bold]bench[/] timing {steps} steps per variant in {rounds} alternating blocks")
     block = math.ceil(steps / rounds)
     for _ in range(rounds):
@@ -223,10 +233,19 @@ def _interleaved(variants, recipe_path, steps, warmup, rounds, root, console) ->
     return measured
 
 
+def _warm_up(runner, m: Measurement, timer: PhaseTimer, warmup: int) -> None:
+    """Warm-up steps; the first one's latency and the compile time (torch's own counters) apart."""
+    compiled_before = compile_seconds()
+    _run_steps(runner, m, timer, warmup)
+    if m.step_s["wall"]:
+        m.first_step_s = m.step_s["wall"][0]
+    m.compile_s = compile_seconds() - compiled_before
+
+
 def _measure_alone(runner, steps: int, warmup: int) -> Measurement:
     timer = PhaseTimer(sync)
     m = Measurement(runner.label, runner.samples_per_step, runner.setup_s, runner.cache_build_s)
-    _run_steps(runner, m, timer, warmup)
+    _warm_up(runner, m, timer, warmup)
     m.clear_steps()
     timer.reset()
     _run_steps(runner, m, timer, steps)

@@ -192,6 +192,7 @@ def eval_command(
     out: Path = Path("eval"),
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    compile: bool = False,
 ) -> dict:
     """Generate, score, print the table, write report.json, scores.csv and grid.png; returns the report."""
     if metric not in METRICS:
@@ -216,7 +217,7 @@ def eval_command(
     for label, ref in zip(model_labels(models), models):
         results.append(_generate_with(ref, label, prompt_list, out=out, lora=lora, device=device_name, dtype=dtype,
                                       width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                                      images_per_prompt=images_per_prompt, batch_size=batch_size))
+                                      images_per_prompt=images_per_prompt, batch_size=batch_size, compile=compile))
         release_memory()  # that model's pipeline went with _generate_with's frame
 
     for result in results:
@@ -247,14 +248,14 @@ def _check_models(models: list[str], lora: Optional[str]) -> None:
 
 
 def _generate_with(ref: str, label: str, prompts: list[str], *, out: Path, lora, device, dtype, width, height,
-                   steps, guidance, seed, images_per_prompt, batch_size) -> ModelResult:
+                   steps, guidance, seed, images_per_prompt, batch_size, compile=False) -> ModelResult:
     """Load `ref` and save its images for every prompt; every model gets the same seeds."""
     import torch
 
     from sdkit.inference.generate import png_text, slugify
     from sdkit.inference.sampling import load_pipeline, make_images
 
-    pipe, _, info = load_pipeline(ref, lora=lora, device=device, dtype=dtype)
+    pipe, _, info = load_pipeline(ref, lora=lora, device=device, dtype=dtype, compile=compile)
     w, h = info.image_size(width, height, model=f"'{ref}'")
     result = ModelResult(label=label, model=ref, info={**vars(info), "width": w, "height": h})
     folder = out / "images" / slugify(label)

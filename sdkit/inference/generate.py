@@ -36,6 +36,7 @@ def generate_command(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     profile: bool = False,
+    compile: bool = False,
 ) -> list[Path]:
     """Generate `num_images` images per prompt (seeds seed..seed+num_images-1); returns the files."""
     from sdkit.inference.sampling import check_scheduler_name, load_pipeline, make_images
@@ -46,6 +47,7 @@ def generate_command(
     started = time.perf_counter()
     pipe, refiner_pipe, info = load_pipeline(
         model, lora=lora, lora_scale=lora_scale, refiner=refiner, scheduler=scheduler, device=device, dtype=dtype,
+        compile=compile,
     )
     load_seconds = time.perf_counter() - started
     width, height = info.image_size(width, height)

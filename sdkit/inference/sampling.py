@@ -153,8 +153,10 @@ def load_pipeline(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     offload: Optional[bool] = None,
+    compile: bool = False,
 ):
     """(pipe, refiner_pipe or None, PipelineInfo) ready to generate on the chosen device.
+    `compile`: torch.compile the denoiser(s) (the first image then waits for the compile).
 
     `model_ref` is a hub id, a diffusers folder or a training run folder (a LoRA run loads
     its base model plus its LoRA). `offload=None` decides by free GPU memory whether base
@@ -185,6 +187,10 @@ def load_pipeline(
                 p.scheduler = make_scheduler(scheduler, p.scheduler.config)
 
     placement = _place(pipe, refiner_pipe, device_name, offload)
+    if compile:
+        for p, fam in ((pipe, refs.family), (refiner_pipe, refs.refiner_family)):
+            if p is not None:
+                getattr(p, family_class(fam).denoiser_attr).compile()  # in place: weights and keys unchanged
     width, height, multiple = native_size(pipe, family_cls.denoiser_attr)
     info = PipelineInfo(
         model=model_ref, base=refs.base, family=refs.family, loras=refs.loras, lora_scale=lora_scale,

@@ -96,6 +96,9 @@ def _family_of(est: Estimate):
 def _not_estimated(r) -> list[str]:
     out = []
     if r.method.type == "full":
+        if not r.optim.fused_backward:
+            out.append("train.weights_dtype=bf16 train.mixed_precision=bf16 optim.name=adafactor "
+                       "optim.fused_backward=true train.gradient_accumulation=1 (as recipes/sdxl-full.yaml)")
         out.append("method.type=lora (trains adapters only)")
     if r.train.mixed_precision == "no":
         out.append("train.mixed_precision=bf16 (fp16 on GPUs without bf16)")

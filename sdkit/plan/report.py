@@ -79,7 +79,8 @@ def _print_report(console, est: Estimate, n: dict, singles, combo) -> None:
     r = est.recipe
     _print_settings(console, est, n)
     b = n["breakdown_gib"]
-    optimizer = "AdamW8bit: 1 byte per moment" if r.optim.name == "adamw8bit" else "AdamW: 2 fp32 moments"
+    optimizer = {"adamw8bit": "AdamW8bit: 1 byte per moment", "adafactor": "Adafactor: factored second moments",
+                 "adamw": "AdamW: 2 fp32 moments"}.get(r.optim.name, r.optim.name)
     if est.cached:
         encoders = "latents cached: encoders off the GPU while training"
     else:
@@ -89,8 +90,8 @@ def _print_report(console, est: Estimate, n: dict, singles, combo) -> None:
     table.add_column("GiB", justify="right")
     table.add_column("", style="dim")
     rows = [
-        ("weights", b["weights"], f"{_count(n['trainable_params'])} trainable (fp32)"),
-        ("gradients", b["gradients"], ""),
+        ("weights", b["weights"], f"{_count(n['trainable_params'])} trainable ({r.train.weights_dtype})"),
+        ("gradients", b["gradients"], "one tensor at a time: fused backward" if r.optim.fused_backward else ""),
         ("optimizer state", b["optimizer_state"], optimizer),
         ("optimizer step temporaries", b["optimizer_temporaries"], ""),
         ("EMA", b["ema"], "fp32 copy of the weights" if b["ema"] else ""),
@@ -139,7 +140,10 @@ def _print_settings(console, est: Estimate, n: dict) -> None:
     console.print(
         f"{method}, {r.data.resolution} px, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}, {r.optim.name}, "
-        f"EMA {'on' if r.ema_applies else 'off'}, latent cache {'on' if est.cached else 'off'}"
+        f"EMA {'on' if r.ema_applies else 'off'}{' (CPU)' if r.ema_applies and t.ema_on_cpu else ''}, "
+        f"latent cache {'on' if est.cached else 'off'}"
+        + (f", {t.weights_dtype} weights" if t.weights_dtype != "fp32" else "")
+        + (", fused backward" if r.optim.fused_backward else "")
     )
 
 

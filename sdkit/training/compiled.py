@@ -21,11 +21,19 @@ from pathlib import Path
 RECOMPILE_LIMIT = 64  # distinct batch shapes (buckets) kept compiled
 
 
+_SET_BY_US: set = set()  # cache folders this process put in TORCHINDUCTOR_CACHE_DIR
+
+
 def inductor_cache(run_dir) -> Path:
     """The inductor/AOTAutograd cache: in the run folder, so a resumed run reuses its compiled
-    code; TORCHINDUCTOR_CACHE_DIR, when set, wins (one cache for all runs)."""
-    path = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or Path(run_dir) / "compile-cache")
+    code; TORCHINDUCTOR_CACHE_DIR set by the user wins (one cache for all runs)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    user = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    ours = _SET_BY_US | {os.path.abspath(default_cache_dir())}  # inductor writes its default back too
+    path = Path(user) if user and user not in ours else Path(run_dir).resolve() / "compile-cache"
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    _SET_BY_US.add(str(path))
     return path
 
 

@@ -81,3 +81,13 @@ def test_bench_checks_its_arguments(recipe):
         run_bench(str(recipe), [], steps=1, clock="gpu")
     with pytest.raises(UserError, match="unknown key"):
         run_bench(str(recipe), [], steps=1, compare=["data.cahce=false"])
+
+
+@pytest.mark.slow
+def test_bench_reports_compile_time_and_first_step_apart(recipe):
+    report = run_bench(str(recipe), ["method.type=full", "train.batch_size=1"], steps=2, warmup=1,
+                       compare=["train.compile=true"])
+    eager, compiled = report["variants"]
+    assert eager["compile_s"] == 0 and eager["first_step_s"] > 0
+    assert compiled["compile_s"] > 0 and compiled["first_step_s"] > compiled["compile_s"] * 0.5
+    assert compiled["first_step_s"] > 1.0 / compiled["steps_per_s"]  # steady steps exclude the compile
