@@ -333,6 +333,22 @@ def test_every_recipe_is_planned_and_fits_its_stated_gpu(path, request, capsys):
     assert n["seconds"] < 180
     if _gpu_target(path):
         assert n["verdict"] == "fits", f"{path.name}: {n['run_peak_gib']} GiB + context vs {n['gpu_memory_gib']} GiB"
+        assert n["margin_gib"] >= 1.0  # validation sampling included
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sdxl-full.yaml", "sd3-full.yaml"])
+def test_sdxl_and_sd3_full_finetunes_fit_24gb_at_1024(name, request):
+    """bf16 weights, Adafactor and a fused backward: the whole denoiser trains on 24 GB at 1024 px."""
+    path = next(p for p in RECIPES if p.name == name)
+    n = _plan_recipe(path, request)
+    recipe = load_recipe(path)
+    assert (recipe.method.type, recipe.data.resolution, recipe.train.weights_dtype) == ("full", 1024, "bf16")
+    assert recipe.optim.fused_backward and recipe.validation.prompts
+    assert n["gpu_memory_gib"] == 24 and n["verdict"] == "fits" and n["margin_gib"] >= 1.0
+    b = n["breakdown_gib"]
+    assert b["optimizer_state"] < 0.5 * b["weights"]  # factored moments, not Adam's two full ones
+    assert b["gradients"] < 0.1 * b["weights"]  # never a full set of gradients
 
 
 def test_sd15_full_finetune_fits_24gb(request):
