@@ -39,7 +39,6 @@ def inductor_cache(run_dir) -> Path:
 
 def compile_module(module, run_dir) -> "CompileGuard":
     """Compile `module` in place (its state_dict keys do not change); returns its guard."""
-    import torch
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 

@@ -1,8 +1,8 @@
 """The optimizer, its learning-rate schedule and the EMA of the weights, as the trainer builds them.
 
 `make_optimizer` builds the recipe's optimizer (AdamW, bitsandbytes' AdamW8bit or transformers'
-Adafactor); `training_optimizer` wraps it, when the recipe asks for it, in `ParamwiseOptimizer`, which owns the two
-memory savers of full fine-tunes on 24 GB:
+Adafactor); `training_optimizer` wraps it, when the recipe asks for it, in `ParamwiseOptimizer`,
+which owns the two memory savers of full fine-tunes on 24 GB:
 - bf16 trained weights (train.weights_dtype=bf16): each parameter is updated in fp32 and written
   back with stochastic rounding, so updates smaller than bf16's spacing are kept on average
   instead of being rounded away;

@@ -1,8 +1,6 @@
 """The memory savers of full fine-tunes on 24 GB: a fused backward (each parameter updated in its
 gradient hook), bf16 trained weights with stochastic rounding, Adafactor; exact, and exactly resumable."""
 
-import warnings
-
 import pytest
 import torch
 
