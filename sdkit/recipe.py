@@ -39,19 +39,40 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    type: Literal["full", "lora"] = Field("lora", description="full: train all denoiser weights; lora: train adapters.")
-    rank: int = Field(4, ge=1, description="LoRA rank.")
-    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; defaults to the rank.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    type: Literal["full", "lora", "loha", "lokr"] = Field(
+        "lora", description="full: all denoiser weights; lora (DoRA with use_dora), loha, lokr: adapters (peft)."
+    )
+    rank: int = Field(4, ge=1, description="Adapter rank (LoRA/DoRA/LoHa/LoKr).")
+    alpha: Optional[float] = Field(None, gt=0, description="Adapter alpha (strength alpha/rank); defaults to the rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout; LoHa/LoKr: module dropout.")
+    use_dora: bool = Field(False, description="lora: train DoRA (weight-decomposed LoRA, peft's use_dora).")
+    lokr_factor: int = Field(-1, description="lokr: Kronecker factor of the dimensions; -1 splits near the square root.")
+    decompose_both: bool = Field(False, description="lokr: also factor the smaller Kronecker matrix in low rank.")
+    init_from: Optional[str] = Field(
+        None, description="Start the adapters from this file (peft or kohya/LyCORIS layout) instead of at random."
+    )
     target_modules: Optional[list[str]] = Field(
         None, description="Module names that get adapters; default: the family's attention projections."
     )
-    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (LoRA on their attention).")
+    train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (adapters on their attention; full: all weights).")
 
     @property
     def lora_alpha(self) -> float:
         """LoRA alpha; defaults to the rank (scale 1)."""
         return self.alpha or self.rank
+
+    @model_validator(mode="after")
+    def _variant_keys(self):
+        # Keys of one method set on another would silently do nothing.
+        owners = {"use_dora": ("lora",), "lokr_factor": ("lokr",), "decompose_both": ("lokr",),
+                  "init_from": ("lora", "loha", "lokr")}
+        for name, methods in owners.items():
+            info = type(self).model_fields[name]
+            if getattr(self, name) != info.get_default() and self.type not in methods:
+                raise ValueError(f"method.{name} applies to method.type {' or '.join(methods)}, not {self.type}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"method.lokr_factor must be -1 or a positive number, got {self.lokr_factor}")
+        return self
 
 
 class DatasetEntry(_Section):
@@ -139,10 +160,14 @@ class DataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "adamw8bit", "adafactor"] = Field(
-        "adamw", description="adamw (torch), adamw8bit (bitsandbytes) or adafactor (transformers; factored second moments)."
+    name: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "adamw_schedulefree"] = Field(
+        "adamw", description="adamw (torch), adamw8bit (bitsandbytes), adafactor (transformers; factored second "
+        "moments), prodigy (prodigyopt; use lr 1.0), adamw_schedulefree (schedulefree; no lr schedule)."
     )
-    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (prodigy: a multiplier of its own estimate, 1.0).")
+    text_encoder_lr: Optional[float] = Field(
+        None, gt=0, description="Learning rate of the text encoders when they train; default: optim.lr."
+    )
     scale_lr: bool = Field(False, description="Multiply lr by batch size x accumulation x processes.")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
@@ -162,6 +187,13 @@ class OptimConfig(_Section):
     relative_step: bool = Field(
         False, description="adafactor: its own time-dependent step size (lr and the schedule are then unused)."
     )
+
+    @model_validator(mode="after")
+    def _schedule_free(self):
+        if self.name == "adamw_schedulefree" and self.lr_scheduler != "constant":
+            raise ValueError("optim.lr_scheduler: adamw_schedulefree needs no schedule (it warms up by "
+                             "optim.warmup_steps itself); set constant")
+        return self
 
 
 # train.compile=auto compiles runs at least this long: compiling takes ~20-60 s on a CPU and
@@ -254,6 +286,12 @@ class Recipe(_Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     output_dir: str = Field(description="Run folder: checkpoints, samples, logs and the result.")
+
+    @model_validator(mode="after")
+    def _text_encoder_lr(self):
+        if self.optim.text_encoder_lr is not None and not self.method.train_text_encoder:
+            raise ValueError("optim.text_encoder_lr: set method.train_text_encoder=true too (no text encoder trains)")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -54,6 +54,7 @@ class LoraModule:
     down: object  # tensor (rank, in[, k, k])
     up: object  # tensor (out, rank[, 1, 1])
     alpha: Optional[float] = None  # set when the file itself stores one
+    magnitude: object = None  # DoRA's per-output-channel magnitude (peft's lora_magnitude_vector)
 
 
 @dataclass
@@ -72,8 +73,11 @@ def split_modules(state_dict: Mapping) -> list[LoraModule]:
     """Group a diffusers/peft LoRA state dict into (component, module, down, up[, alpha])."""
     found: dict[tuple[str, str], dict] = {}
     for key, value in state_dict.items():
-        if "lora_magnitude_vector" in key or key.endswith(".dora_scale"):
-            raise UserError(f"--lora-format kohya: DoRA weights ({key}) have no kohya LoRA equivalent")
+        if key.endswith((".lora_magnitude_vector", ".lora_magnitude_vector.weight")):
+            stem = key[: -len(".weight")] if key.endswith(".weight") else key
+            component, _, path = stem[: -len(".lora_magnitude_vector")].partition(".")
+            found.setdefault((component, path), {})["magnitude"] = value
+            continue
         for down_suffix, up_suffix in _DOWN_UP_SUFFIXES:
             if key.endswith(down_suffix):
                 slot, stem = "down", key[: -len(down_suffix)]
@@ -95,7 +99,7 @@ def split_modules(state_dict: Mapping) -> list[LoraModule]:
             raise UserError(f"--lora-format kohya: '{component}.{path}' lacks its lora down or up weight")
         alpha = parts.get("alpha")
         modules.append(LoraModule(component, path, parts["down"], parts["up"],
-                                  None if alpha is None else float(alpha.item())))
+                                  None if alpha is None else float(alpha.item()), parts.get("magnitude")))
     return modules
 
 
@@ -128,8 +132,6 @@ def module_alpha(module: LoraModule, config: Optional[AdapterConfig], default_al
     if module.alpha is not None:
         return module.alpha
     if config is not None and config.lora_alpha is not None:
-        if config.use_dora:
-            raise UserError("--lora-format kohya: DoRA adapters have no kohya LoRA equivalent")
         alpha = _pattern_value(config.alpha_pattern, module.path)
         alpha = float(config.lora_alpha if alpha is None else alpha)
         scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
@@ -173,6 +175,11 @@ def to_kohya(
     """kohya tensors and each kohya module's alpha. Alphas stay float32, so they are exact."""
     import torch
 
+    from sdkit.training.adapters.lycoris import algo_of_keys
+
+    if algo_of_keys(state_dict):  # LoHa/LoKr: already in the LyCORIS (kohya) layout
+        alphas = {k[: -len(".alpha")]: float(v) for k, v in state_dict.items() if k.endswith(".alpha")}
+        return {k: (v.to(dtype) if dtype is not None and k not in alphas else v) for k, v in state_dict.items()}, alphas
     configs = adapter_configs(file_metadata)
     out: dict = {}
     alphas: dict[str, float] = {}
@@ -183,6 +190,9 @@ def to_kohya(
         out[f"{name}.lora_down.weight"] = cast(module.down).contiguous()
         out[f"{name}.lora_up.weight"] = cast(module.up).contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        if module.magnitude is not None:  # DoRA as LyCORIS writes it: dora_scale, one value per output
+            shape = (module.up.shape[0],) + (1,) * (module.up.dim() - 1)
+            out[f"{name}.dora_scale"] = cast(module.magnitude).reshape(shape).contiguous()
         alphas[name] = alpha
     return out, alphas
 
@@ -193,6 +203,7 @@ def training_metadata(
     modules_alphas: Mapping[str, float],
     configs: Mapping[str, AdapterConfig],
     recipe=None,
+    network_module: str = "networks.lora",
     output_name: str,
     resolution: int,
     prediction_type: str,
@@ -210,7 +221,7 @@ def training_metadata(
         alpha = next(iter(modules_alphas.values()))
     kohya = KOHYA_LAYOUTS[layout]
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(dim) if dim is not None else "",
         "ss_network_alpha": str(float(alpha)) if alpha is not None else "",
         "ss_base_model_version": kohya.base_model_version,

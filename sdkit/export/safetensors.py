@@ -7,6 +7,7 @@ Every output is written under a temporary name beside the target and renamed whe
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,10 @@ def _kohya_file(tensors, file_metadata, source: Path, *, base, dtype, recipe, na
     default_alpha = recipe.lora_alpha if recipe is not None else None
     out, alphas = kohya.to_kohya(tensors, file_metadata, layout=info.layout, unet_config=info.unet_config,
                                  default_alpha=default_alpha, dtype=dtype)
+    network_module = file_metadata.get("ss_network_module", "networks.lora")
+    network_args = file_metadata.get("ss_network_args")
+    if any(k.endswith(".dora_scale") for k in out):  # DoRA: kohya trains it through LyCORIS' LoRA with dora_wd
+        network_module, network_args = "lycoris.kohya", json.dumps({"algo": "lora", "dora_wd": "True"})
     prediction = info.prediction_type
     if recipe is not None and recipe.train.prediction_type != "auto":
         prediction = recipe.train.prediction_type
@@ -209,8 +214,11 @@ def _kohya_file(tensors, file_metadata, source: Path, *, base, dtype, recipe, na
     metadata = {"format": "pt"}
     metadata.update(kohya.training_metadata(
         layout=info.layout, modules_alphas=alphas, configs=kohya.adapter_configs(file_metadata), recipe=recipe,
+        network_module=network_module,
         output_name=name, resolution=resolution, prediction_type=prediction, base_model=base,
     ))
+    if network_args:
+        metadata["ss_network_args"] = network_args
     finished = _dt.datetime.fromtimestamp(source.stat().st_mtime)
     metadata["ss_training_finished_at"] = str(finished.timestamp())
     info_for_spec = ModelInfo(info.family, info.layout, prediction, resolution, info.unet_config)

@@ -119,11 +119,38 @@ def load_lora(pipe, ref: str, *, adapter_name: Optional[str] = None, key: str = 
 
     use_safetensors=True: never fall back to unpickling a .bin from a hub repo or folder.
     """
+    if _load_lycoris_file(pipe, ref, adapter_name, key):
+        return
     kwargs = {"adapter_name": adapter_name} if adapter_name else {}
     try:
         pipe.load_lora_weights(ref, use_safetensors=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{key}: cannot load '{ref}' into this model: {first_line(e)}") from None
+
+
+def _load_lycoris_file(pipe, ref: str, adapter_name: Optional[str], key: str) -> bool:
+    """Load a LoHa/LoKr file (LyCORIS layout, which diffusers does not read) through peft;
+    False when `ref` is not one."""
+    path = Path(os.path.expanduser(ref))
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    from sdkit.families import DETECT, family_class
+    from sdkit.training.adapters.lycoris import algo_of_keys, load_lycoris
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        if algo_of_keys(f.keys()) is None:
+            return False
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = DETECT.get(type(pipe).__name__)
+    if name is None:
+        raise UserError(f"{key}: LyCORIS files load into {', '.join(sorted(DETECT))} pipelines only")
+    family = family_class(name)(dict(pipe.components))
+    load_lycoris(family, tensors, pipe.components, adapter_name=adapter_name or "default_0", key=key)
+    return True
 
 
 def fuse_lora(pipe, ref: str, scale: float = 1.0, *, key: str = "--lora") -> None:

@@ -135,7 +135,10 @@ def _print_settings(console, est: Estimate, n: dict) -> None:
         f"[bold]{r.model.pretrained}[/]: {n['family']}, {est.model.denoiser.class_name} "
         f"{_count(n['denoiser_params'])} parameters (configs: {est.model.source})"
     )
-    method = "full fine-tune" if r.method.type == "full" else f"LoRA rank {r.method.rank}"
+    from sdkit.training.adapters import make_adapter
+
+    title = make_adapter(r.method).title
+    method = "full fine-tune" if r.method.type == "full" else f"{title} rank {r.method.rank}"
     accum = f" x {t.gradient_accumulation} accumulated" if t.gradient_accumulation > 1 else ""
     console.print(
         f"{method}, {r.data.resolution} px, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "

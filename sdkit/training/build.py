@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sdkit.errors import UserError
-from sdkit.training.optim import EMA, make_lr_schedule, make_optimizer, training_optimizer
+from sdkit.training.optim import EMA, make_lr_schedule, make_optimizer, param_groups, training_optimizer
 from sdkit.training.step import TrainStep
 
 
@@ -77,7 +77,8 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
         raise UserError("optim.fused_backward: runs on one process only (gradients are averaged across "
                         f"processes after backward, the updates happen during it); this run has {accelerator.num_processes}")
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = training_optimizer(params, recipe.optim, recipe.learning_rate(accelerator.num_processes),
+    lr = recipe.learning_rate(accelerator.num_processes)
+    optimizer = training_optimizer(param_groups(modules, recipe.optim, lr), recipe.optim, lr,
                                    base=optimizer_factory, seed=recipe.train.seed)
     schedule = make_lr_schedule(optimizer, recipe.optim, steps)
     compile = recipe.compiles(accelerator.device.type) if compile is None else compile

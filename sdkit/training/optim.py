@@ -27,6 +27,11 @@ def make_optimizer(params, optim, lr: float):
     """The recipe's optimizer over `params`, at peak learning rate `lr`."""
     import torch
 
+    from sdkit.training.optim_packages import make_package_optimizer
+
+    packaged = make_package_optimizer(params, optim, lr)  # prodigy, adamw_schedulefree
+    if packaged is not None:
+        return packaged
     if optim.name == "adafactor":
         return _adafactor(params, optim, lr)
     kwargs = dict(lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
@@ -64,12 +69,23 @@ def training_optimizer(params, optim, lr: float, *, base=make_optimizer, seed: i
     the backward is fused (fp32 weights and an ordinary backward get the plain optimizer)."""
     from sdkit.training.paramwise import LOW_PRECISION, ParamwiseOptimizer
 
-    params = list(params)
+    params = list(params)  # tensors, or param groups (optim.text_encoder_lr)
     inner = base(params, optim, lr)
-    low = any(p.dtype in LOW_PRECISION for p in params)
+    low = any(p.dtype in LOW_PRECISION for g in inner.param_groups for p in g["params"])
     if not (low or optim.fused_backward):
         return inner
     return ParamwiseOptimizer(inner, fused_backward=optim.fused_backward, clip_norm=optim.max_grad_norm, seed=seed)
+
+
+def param_groups(modules: list, optim, lr: float):
+    """The trainable parameters of `modules` (denoiser first); with optim.text_encoder_lr, the
+    text encoders' form a second group at that rate (the schedule scales both alike)."""
+    if optim.text_encoder_lr is None or len(modules) == 1:
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in modules[0].parameters() if p.requires_grad], "lr": lr},
+        {"params": [p for m in modules[1:] for p in m.parameters() if p.requires_grad], "lr": optim.text_encoder_lr},
+    ]
 
 
 def make_lr_schedule(optimizer, optim, total_steps: int):

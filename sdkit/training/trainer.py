@@ -23,6 +23,7 @@ from sdkit.training.checkpoints import (  # noqa: F401  (find_resume_checkpoint:
     Checkpointer, Progress, check_shape, find_resume_checkpoint, read_state, run_shape,
 )
 from sdkit.training.console import flat, progress_bar
+from sdkit.training.optim_packages import averaged_weights, train_mode
 
 
 def fresh_accelerator_state() -> None:
@@ -128,6 +129,7 @@ class Trainer:
         r, st = self.recipe, self.state
         for m in self.step.modules:
             m.train()
+        train_mode(self.step.optimizer)
         pending = []  # losses (device tensors) since the last log: read back only at the log interval
         started, first_step = time.perf_counter(), st.step
         batches = self.batches()
@@ -160,14 +162,16 @@ class Trainer:
         acc.log({"train/loss": mean, "train/lr": lr, "train/steps_per_s": rate}, step=self.state.step)
 
     def save_checkpoint(self) -> Path:
-        return self.checkpointer.save(self.state, self.shape, self.step.noise_rng, self.step.ema)
+        with averaged_weights(self.step.optimizer):  # both runs of a resume switch alike: exact
+            return self.checkpointer.save(self.state, self.shape, self.step.noise_rng, self.step.ema)
 
     # -- validation images
     def validate(self) -> list[Path]:
         acc = self.accelerator
         paths: list[Path] = []
         if acc.is_main_process:
-            paths = self._sample_images()
+            with averaged_weights(self.step.optimizer):
+                paths = self._sample_images()
         acc.wait_for_everyone()
         return paths
 
@@ -214,11 +218,13 @@ class Trainer:
             modules = [getattr(m, "_orig_mod", m) for m in modules]  # undo torch.compile
             if self.step.ema:
                 self.step.ema.copy_to(modules[0])
-            written = self.adapter.save(self.family, modules, self.run_dir)
+            with averaged_weights(self.step.optimizer):
+                written = self.adapter.save(self.family, modules, self.run_dir)
             from sdkit.training.model_card import write_model_card
 
             write_model_card(self.recipe, self.run_dir, family=self.family_name, steps=self.state.step,
-                             final_loss=self.last_loss, lr=self.recipe.learning_rate(acc.num_processes))
+                             final_loss=self.last_loss, lr=self.recipe.learning_rate(acc.num_processes),
+                             adapter=self.adapter)
             for path in written:
                 self.log(f"wrote {path}")
         acc.wait_for_everyone()
