@@ -59,13 +59,15 @@ def kohya_layout(family, key: str = "--lora") -> tuple[str, dict]:
 def kohya_names(module, component: str, layout: str, unet_config: Mapping) -> dict[str, str]:
     """kohya name -> module path, for every Linear/Conv module of `module`."""
     import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from sdkit.export.kohya import LoraModule, kohya_name
     from sdkit.export.single_file import UnmappedKeyError
 
     names = {}
     for path, sub in module.named_modules():
-        if not isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)) or ".base_layer" in path:
+        # A module that already holds an adapter (init_from) is a peft layer around its base_layer.
+        if not isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d, BaseTunerLayer)) or ".base_layer" in path:
             continue
         try:
             names[kohya_name(LoraModule(component, path, None, None), layout, unet_config)] = path
