@@ -36,7 +36,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from sdkit.plan.tracker import AdamW8bitStates, StepMemTracker, cuda_autocast_policy
+from sdkit.plan.tracker import AdamW8bitStates, ProdigyStates, StepMemTracker, cuda_autocast_policy
+from sdkit.training.optim_packages import train_mode
 
 LOW_PRECISION = {"fp16": torch.bfloat16, "bf16": torch.bfloat16}  # fp16 traced as bf16: same bytes
 # Where each of the step's phases is counted (sdkit.training.step.PHASES).
@@ -240,7 +241,9 @@ def _build_step(recipe, model, family, adapter, modules, fake: bool):
     needs_vae = not recipe.cache_used or recipe.validation.prompts
     for module in [*modules, *([family.vae] if needs_vae and family.components.get("vae") is not None else [])]:
         _materialize(module, fake)
-    factory = _adamw8bit_states if recipe.optim.name == "adamw8bit" else make_optimizer
+    # Stand-ins with the same state tensors where the real optimizer cannot step on fake tensors.
+    factory = {"adamw8bit": _adamw8bit_states, "prodigy": lambda params, optim, lr: ProdigyStates(params, lr=lr)
+               }.get(recipe.optim.name, make_optimizer)
     step = build_step(recipe, family, adapter, modules, PlanAccelerator(low), dtype=dtype, steps=1,
                       optimizer_factory=factory)
     # Steady state: the optimizer's states exist before the step (a warm-up step on zero gradients);
@@ -248,6 +251,7 @@ def _build_step(recipe, model, family, adapter, modules, fake: bool):
     # micro-batch stands for all of them (each frees what the last one made).
     for p in step.params:
         p.grad = torch.zeros_like(p)
+    train_mode(step.optimizer)  # as the trainer's loop does (schedule-free steps only in train mode)
     # A fused backward's step() only counts (its updates happen in backward): step each parameter.
     getattr(step.optimizer, "step_each", step.optimizer.step)()
     if recipe.train.gradient_accumulation == 1:

@@ -212,3 +212,22 @@ class AdamW8bitStates(torch.optim.Optimizer):
                         state["absmax1"] = torch.zeros(blocks, dtype=torch.float32)
                         state["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
                 p.mul_(1.0)  # the in-place update
+
+
+class ProdigyStates(torch.optim.Optimizer):
+    """Prodigy's memory without its data-dependent step (it reads its step-size estimate d back
+    with .item(), which fake tensors cannot): per parameter the two Adam moments, the starting
+    point p0 and the accumulator s, all in the parameter's dtype; the update is in place."""
+
+    STATES = ("exp_avg", "exp_avg_sq", "p0", "s")
+
+    def __init__(self, params, lr=1.0):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not self.state[p]:
+                    self.state[p].update({name: torch.zeros_like(p) for name in self.STATES})
+                p.mul_(1.0)  # the in-place update

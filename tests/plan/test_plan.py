@@ -363,3 +363,22 @@ def test_sd15_full_finetune_fits_24gb(request):
     assert n["gpu_memory_gib"] == 24 and n["verdict"] == "fits"
     b = n["breakdown_gib"]
     assert b["optimizer_state"] == pytest.approx(2 * b["weights"], rel=0.01)  # fp32 AdamW moments
+
+
+def test_plan_covers_every_method_and_optimizer(tiny_sd):
+    """DoRA, Prodigy and schedule-free go through the trainer's own builders on fake tensors;
+    Prodigy's extra state (its p0 and s copies) shows in the optimizer phase. (LoHa/LoKr are not
+    traced: peft draws their module dropout with a data-dependent comparison.)"""
+    from sdkit.plan.architectures import load_model_spec
+    from sdkit.plan.trace import trace_training_step
+
+    model = load_model_spec(str(tiny_sd))
+
+    def optimizer_bytes(**sections):
+        trace = trace_training_step(make_recipe(tiny_sd, data={"resolution": 32}, **sections), model)
+        return trace.phase_peaks["optimizer step"]["Optstate"]
+
+    assert optimizer_bytes(method={"type": "lora", "use_dora": True}) > 0
+    adamw = optimizer_bytes(method={"type": "lora", "rank": 8})
+    assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "prodigy", "lr": 1.0}) > adamw
+    assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "adamw_schedulefree"}) > 0

@@ -49,7 +49,9 @@ def kohya_layout(family, key: str = "--lora") -> tuple[str, dict]:
 
     cls = type(family)
     comps = family.components
-    layout = cls.single_file_layout(_model_index(cls, comps), lambda name: _config_dict(comps[name]))
+    # A component left out (sdkit plan's traced family) reads as an empty config: defaults.
+    layout = cls.single_file_layout(_model_index(cls, comps),
+                                    lambda name: _config_dict(comps[name]) if comps.get(name) is not None else {})
     if layout not in KOHYA_LAYOUTS:
         raise UserError(f"{key}: LyCORIS (LoHa/LoKr) files use kohya's module names, which exist for "
                         f"{', '.join(KOHYA_LAYOUTS)} models, not {cls.name}; train a LoRA instead")
