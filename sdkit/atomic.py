@@ -121,3 +121,72 @@ def atomic_dir(final: PathLike, *, overwrite: bool = False, fsync: bool = True) 
         _remove(tmp)
         if old is not None:
             _remove(old)
+
+
+@contextmanager
+def atomic_entries(folder: PathLike, *, overwrite: bool = False, fsync: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder inside `folder`; when the block succeeds, each entry written
+    into it replaces the entry of the same name in `folder` (each one atomically, as atomic_dir).
+
+    Everything else in `folder` stays: an export with --force into a folder that also holds
+    another run's checkpoints replaces only what the export writes. `folder` may be `.`.
+    """
+    folder = Path(os.path.abspath(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".export{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        entries = sorted(tmp.iterdir())
+        clash = [e.name for e in entries if (folder / e.name).exists() or (folder / e.name).is_symlink()]
+        if clash and not overwrite:
+            raise FileExistsError(f"{folder / clash[0]} already exists")
+        for entry in entries:
+            if fsync:
+                paths = [entry] if entry.is_file() else [Path(r) / n for r, _, fs in os.walk(entry) for n in fs]
+                for path in paths:
+                    _fsync_file(path)
+            final = folder / entry.name
+            old = None
+            if final.exists() or final.is_symlink():
+                old = temporary_sibling(final)
+                os.rename(final, old)
+            os.rename(entry, final)
+            if old is not None:
+                _remove(old)
+        if fsync:
+            _fsync_dir(folder)
+    finally:
+        _remove(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a process we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike, marks: tuple[str, ...] = (TEMP_MARK,)) -> list[Path]:
+    """Delete hidden temporaries in `folder` left by killed processes: names starting with "."
+    that hold one of `marks` followed by the writer's pid, when that pid is gone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        name = path.name
+        mark = next((m for m in marks if name.startswith(".") and m in name), None)
+        if mark is None:
+            continue
+        pid = name.split(mark, 1)[1].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            _remove(path)
+            removed.append(path)
+    return removed

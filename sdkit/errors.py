@@ -16,3 +16,12 @@ def first_line(error: BaseException) -> str:
     """An exception as one line: its message's first line, or its type when it has none."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+ECHO_LIMIT = 200  # characters of an outside value echoed back in an error or a log line
+
+
+def shorten(value, limit: int = ECHO_LIMIT) -> str:
+    """`value` as text of at most `limit` characters: errors never echo a 5 MB field back."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

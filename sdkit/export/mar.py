@@ -23,6 +23,7 @@ from typing import Optional
 
 from sdkit.atomic import atomic_dir, atomic_write_path
 from sdkit.errors import UserError
+from sdkit.export.model_files import ModelFile, component_files, refuse_pickled_weights
 from sdkit.export.run import check_name, default_name
 from sdkit.export.serve_settings import ServeSettings, requirements_text
 from sdkit.inference.loading import LORA_FILE, ResolvedModel, local_lora_file, read_model_index, resolve_lora
@@ -188,44 +189,45 @@ def stage_pipeline(source: str, dest: Path, *, link: bool, lora_file: Optional[s
 
     A local folder whose weights are all plain safetensors is linked/copied file by file,
     keeping only what model_index.json names (a full fine-tune's run folder also holds
-    checkpoints and logs). Anything else (hub ids, .bin weights, variants only, a LoRA to
-    fuse) is loaded and saved again with safetensors.
+    checkpoints and logs), each file checked to lie inside the folder (sdkit.export.model_files).
+    Anything else (hub ids, variants only, a LoRA to fuse) is loaded and saved again with
+    safetensors; pickled weights are refused.
     """
     folder = Path(os.path.expanduser(source))
-    if lora_file is None and dtype is None and folder.is_dir():
-        files = _plain_safetensors_files(folder)
+    if folder.is_dir():
+        listing = component_files(folder)
+        refuse_pickled_weights(listing, source)
+        files = None if (lora_file is not None or dtype is not None) else _plain_safetensors_files(listing)
         if files is not None:
-            for rel in files:
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                _place(folder / rel, dest / rel, link=link)
+            for f in files:
+                (dest / f.rel).parent.mkdir(parents=True, exist_ok=True)
+                _place(f.source, dest / f.rel, link=link)
             return
     _resave_pipeline(source, dest, lora_file=lora_file, lora_scale=lora_scale, dtype=dtype or "fp32")
 
 
-def _plain_safetensors_files(folder: Path) -> Optional[list[Path]]:
-    """Relative paths to copy, or None when a component's weights are not plain safetensors."""
-    index = json.loads((folder / "model_index.json").read_text())
-    files = [Path("model_index.json")]
-    for component, spec in index.items():
-        if component.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+def _plain_safetensors_files(listing: dict[str, list[ModelFile]]) -> Optional[list[ModelFile]]:
+    """The files to copy, or None when a component's weights are not plain safetensors."""
+    files = list(listing[""])
+    for component, entries in listing.items():
+        if not component:
             continue
-        sub = folder / component
-        if not sub.is_dir():
-            return None
+        if not entries:
+            return None  # a component without its folder: let diffusers decide
         weights = []
-        for path in sorted(p for p in sub.rglob("*") if p.is_file()):
-            rel = path.relative_to(folder)
-            if path.name.endswith(WEIGHT_SUFFIXES):
-                if not path.name.endswith(".safetensors"):
-                    return None  # pickled weights: resave (never shipped as is)
-                if _is_variant(path.name):
+        for f in entries:
+            name = f.rel.name
+            if name.endswith(WEIGHT_SUFFIXES):
+                if not name.endswith(".safetensors"):
+                    continue  # pickled weights beside safetensors: never shipped
+                if _is_variant(name):
                     continue  # e.g. unet/diffusion_pytorch_model.fp16.safetensors beside the plain file
-                weights.append(rel)
-            elif path.name.endswith(".safetensors.index.json") and _is_variant(path.name.replace(".index.json", "")):
+                weights.append(f)
+            elif name.endswith(".safetensors.index.json") and _is_variant(name.replace(".index.json", "")):
                 continue
             else:
-                files.append(rel)  # configs, tokenizer files, sharding index
-        if not weights and (sub / "config.json").is_file():
+                files.append(f)  # configs, tokenizer files, sharding index
+        if not weights and any(f.rel.name == "config.json" and len(f.rel.parts) == 2 for f in entries):
             return None  # a model (it has a config.json) with only variant weights: let diffusers pick them
         files.extend(weights)
     return files

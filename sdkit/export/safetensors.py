@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from sdkit.atomic import atomic_dir, atomic_write_path
+from sdkit.atomic import atomic_entries, atomic_write_path
 from sdkit.errors import UserError, first_line
 
 MODEL_CARD = "README.md"
@@ -108,13 +108,19 @@ def modelspec_metadata(info: ModelInfo, *, title: str, lora: bool, resolution: O
 def load_pipeline(base: str, *, dtype: str, lora: Optional[str] = None, lora_scale: float = 1.0):
     """The pipeline at `dtype` (fp16, bf16, fp32), with a LoRA fused in at fp32 before casting
     (less rounding than fusing in fp16)."""
+    import os
+
     from diffusers import DiffusionPipeline
 
+    from sdkit.export.model_files import component_files, refuse_pickled_weights
     from sdkit.inference.loading import fuse_lora
     from sdkit.inference.sampling import dtype_kwarg, torch_dtype
 
+    if os.path.isdir(os.path.expanduser(base)):  # someone else's folder: inside it, no pickles
+        refuse_pickled_weights(component_files(os.path.expanduser(base)), base)
     try:
-        pipe = DiffusionPipeline.from_pretrained(base, **dtype_kwarg(torch_dtype("fp32" if lora else dtype)))
+        pipe = DiffusionPipeline.from_pretrained(base, use_safetensors=True,
+                                                 **dtype_kwarg(torch_dtype("fp32" if lora else dtype)))
     except Exception as e:  # missing or broken files, pickled weights diffusers refuses, ...
         raise UserError(f"cannot load the pipeline '{base}': {type(e).__name__}: {first_line(e)}") from None
     if lora:
@@ -127,7 +133,9 @@ def export_diffusers(base: str, out: Path, *, dtype: str = "fp16", lora: Optiona
                      lora_scale: float = 1.0, force: bool = False, model_card: Optional[Path] = None) -> list[Path]:
     """A diffusers folder with safetensors weights at `dtype`, optionally with a LoRA fused in."""
     pipe = load_pipeline(base, dtype=dtype, lora=lora, lora_scale=lora_scale)
-    with atomic_dir(out, overwrite=force) as tmp:
+    # Only what the pipeline writes (model_index.json, its component folders, the card) is
+    # replaced: anything else already in `out` (another run's checkpoints, notes) stays.
+    with atomic_entries(out, overwrite=force) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if model_card is not None and Path(model_card).is_file():
             shutil.copyfile(model_card, tmp / MODEL_CARD)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from sdkit.errors import UserError, first_line
+from sdkit.errors import UserError, first_line, shorten
 from sdkit.recipe import check_local_ref
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -87,9 +88,22 @@ def local_lora_file(ref: str, key: str = "--lora") -> str:
         raise UserError(f"{key}: cannot fetch {LORA_FILE} from '{ref}': {type(e).__name__}: {first_line(e)}") from None
 
 
+# A component of model_index.json is a sub-folder of the model: a plain name, never a path.
+COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def read_model_index(base: str, revision: Optional[str] = None) -> dict:
-    """model_index.json of a local folder or (cache / hub) repo."""
-    return read_model_json(base, MODEL_INDEX, revision)
+    """model_index.json of a local folder or (cache / hub) repo; a component named like a path
+    (`../Documents`, `a/b`) is refused: loaders and exports would read or write outside the model."""
+    index = read_model_json(base, MODEL_INDEX, revision)
+    if not isinstance(index, dict):
+        raise UserError(f"'{base}': {MODEL_INDEX} is not a JSON object")
+    for component, spec in index.items():
+        if isinstance(spec, list) and not component.startswith("_") and (
+                not COMPONENT_NAME.fullmatch(component)):
+            raise UserError(f"'{base}': {MODEL_INDEX} names a component {shorten(component)!r}, "
+                            "which is not a plain folder name (a path out of the model folder is refused)")
+    return index
 
 
 def read_model_json(base: str, name: str, revision: Optional[str] = None, key: Optional[str] = None) -> dict:
@@ -98,7 +112,7 @@ def read_model_json(base: str, name: str, revision: Optional[str] = None, key: O
     where = f"{key}: " if key else ""
     folder = Path(os.path.expanduser(base))
     if (folder / name).is_file():
-        return json.loads((folder / name).read_text())
+        return _parse_json(folder / name, where)
     if folder.is_dir():
         what = f"is not a diffusers model folder (no {MODEL_INDEX})" if name == MODEL_INDEX else f"has no {name}"
         raise UserError(f"{where}'{base}' {what}")
@@ -108,7 +122,14 @@ def read_model_json(base: str, name: str, revision: Optional[str] = None, key: O
         file = hf_hub_download(base, name, revision=revision)
     except Exception as e:  # offline, missing repo, gated repo...
         raise UserError(f"{where}cannot read {name} of '{base}': {type(e).__name__}: {first_line(e)}") from None
-    return json.loads(Path(file).read_text())
+    return _parse_json(Path(file), where)
+
+
+def _parse_json(path: Path, where: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, nested too deep
+        raise UserError(f"{where}'{path}' is not valid JSON ({shorten(first_line(e))})") from None
 
 
 # ---------------------------------------------------------------------------- LoRA into a pipeline

@@ -279,12 +279,15 @@ def quickstart_command(out: str = "runs/quickstart", steps: Optional[int] = None
 
     from sdkit.export.run import export_command
     from sdkit.recipe import load_recipe
+    from sdkit.training.run_folder import mark_run_folder, refuse_foreign_folder
     from sdkit.training.trainer import train
 
     log = log or Console(stderr=True).print
     started = time.perf_counter()
     run = Path(out)
     data_dir, base_dir, export_dir, eval_dir = run / "digits", run / "base", run / "export", run / "eval"
+    refuse_foreign_folder(run, "--out")
+    mark_run_folder(run)  # the run folder holds its own data and base model: it is sdkit's
     _data_and_base(run, data_dir, base_dir, seed=seed, vae_steps=vae_steps, log=log)
 
     overrides = [f"model.pretrained={base_dir}", f"data.dataset={data_dir}", f"output_dir={run}",

@@ -33,6 +33,19 @@ def trained_dtype(recipe):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[recipe.train.weights_dtype]
 
 
+def run_precision(requested: str, cuda: bool) -> tuple[str, str]:
+    """(the mixed precision this run uses, a note saying why it differs from the recipe's, or '').
+
+    fp16 needs a CUDA GPU: elsewhere accelerate turns autocast off, and fp16 frozen weights then
+    meet fp32 trainable ones in the same matmul (validation crashed on it). Such a run trains in
+    fp32 instead, said once in the log: slower, the same result files.
+    """
+    if requested == "fp16" and not cuda:
+        return "no", ("train.mixed_precision=fp16 needs a CUDA GPU and this machine has none: "
+                      "this run trains in fp32 instead (slower; the same result files)")
+    return requested, ""
+
+
 def load_family(recipe, family_name: str, dtype):
     from sdkit.families import family_class
 

@@ -69,6 +69,9 @@ def describe(recipe: Recipe, processes: int) -> str:
 def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], config_path: Optional[Path], *, dry_run: bool) -> None:
     config_path, config = read_accelerate_config(config_path)
     processes = process_count(config) if not already_launched() else int(os.environ.get("WORLD_SIZE", "1"))
+    from sdkit.training.run_folder import check_output_dir
+
+    check_output_dir(recipe)  # before a relaunch or a dry run's report
     if dry_run:
         print(recipe.to_yaml().rstrip())
         print("---")

@@ -24,6 +24,9 @@ from sdkit.training.checkpoints import (  # noqa: F401  (find_resume_checkpoint:
 )
 from sdkit.training.console import flat, progress_bar
 from sdkit.training.optim_packages import averaged_weights, train_mode
+from sdkit.training.run_folder import MARKER, acquire_run_lock, check_output_dir, mark_run_folder, release_run_lock
+
+LOG_FILE = "train.log"  # the run's text log: what the console showed, and tracebacks of failed validations
 
 
 def fresh_accelerator_state() -> None:
@@ -49,12 +52,18 @@ class Trainer:
         self.last_loss = None
 
     def fit(self) -> Path:
-        self.setup()
         try:
+            self.setup()
             self.loop()
             return self.finish()
         finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the trackers and unlock the run folder (also done at exit)."""
+        if self.accelerator is not None:
             self.accelerator.end_training()
+        release_run_lock(self.run_dir)
 
     # -- set-up
     def setup(self) -> None:
@@ -68,15 +77,19 @@ class Trainer:
         from sdkit.training.adapters import make_adapter
 
         r = self.recipe
+        check_output_dir(r)  # before anything is written: never into the data, the model or your files
         cuda = torch.cuda.is_available()
         if cuda and r.train.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         fresh_accelerator_state()
+        self.precision, precision_note = build.run_precision(r.train.mixed_precision, cuda)
         self.accelerator = acc = Accelerator(
-            cpu=not cuda, mixed_precision=r.train.mixed_precision,
+            cpu=not cuda, mixed_precision=self.precision,
             log_with="tensorboard" if r.logging.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
+        if acc.is_main_process:  # before reading checkpoints another run might be rotating
+            acquire_run_lock(self.run_dir, warn=self.log)
         self.family_name = resolve_family_name(r.model)
         problems = family_class(self.family_name).check_recipe(r)
         if problems:
@@ -87,8 +100,10 @@ class Trainer:
         if resume is not None:  # a changed rank or batch fails here, not as a tensor-shape traceback
             check_shape(resume, read_state(resume), self.shape)
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_run_folder(self.run_dir)
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
+        if precision_note:
+            self.log(f"[yellow]{precision_note}[/]")
         set_seed(r.train.seed)
         self._build(resume)
         if r.logging.tensorboard:
@@ -96,7 +111,7 @@ class Trainer:
 
     def _build(self, resume) -> None:
         r, acc = self.recipe, self.accelerator
-        self.weight_dtype = dtype = build.weight_dtype(r.train.mixed_precision)
+        self.weight_dtype = dtype = build.weight_dtype(self.precision)
         self.log(f"loading {self.family_name} model [bold]{r.model.pretrained}[/]")
         self.family = build.load_family(r, self.family_name, dtype)
         modules = build.prepare_modules(self.family, self.adapter, r)
@@ -167,11 +182,22 @@ class Trainer:
 
     # -- validation images
     def validate(self) -> list[Path]:
+        """Sample the validation prompts. A failure is logged with its traceback in the run's log
+        (train.log) and training goes on: images are a view of the run, never a reason to lose it."""
         acc = self.accelerator
         paths: list[Path] = []
         if acc.is_main_process:
-            with averaged_weights(self.step.optimizer):
-                paths = self._sample_images()
+            try:
+                with averaged_weights(self.step.optimizer):
+                    paths = self._sample_images()
+            except Exception as e:
+                import traceback
+
+                from sdkit.errors import first_line, shorten
+
+                self._append_log(traceback.format_exc())
+                self.log(f"[red]validation at step {self.state.step} failed[/] ({type(e).__name__}: "
+                         f"{shorten(first_line(e))}); training goes on, traceback in {self.run_dir / LOG_FILE}")
         acc.wait_for_everyone()
         return paths
 
@@ -186,24 +212,28 @@ class Trainer:
         build.move_frozen(family, acc.device)
         was_training = denoiser.training
         denoiser.eval()
-        pipe = family.pipeline(**{family.denoiser_attr: denoiser})
-        out = self.run_dir / "samples" / f"step-{self.state.step:07d}"
-        out.mkdir(parents=True, exist_ok=True)
-        res, refiner, paths = self.recipe.data.resolution, self.refiner(), []
-        if refiner is not None:
-            refiner.to(acc.device)
-        with torch.no_grad(), acc.autocast():
-            for i, prompt in enumerate(v.prompts):
-                images = make_images(pipe, prompt, negative_prompt=v.negative_prompt, steps=v.steps, guidance=v.guidance,
-                                     seed=v.seed, num_images=v.num_images, width=res, height=res, refiner=refiner)
-                for k, image in enumerate(images):
-                    paths.append(out / f"{i:02d}-{k}.png")
-                    image.save(paths[-1])
-        for m in moved:  # the cache keeps idle encoders (and the refiner) off the accelerator
-            m.to("cpu")
-        if refiner is not None:
-            refiner.to("cpu")
-        denoiser.train(was_training)
+        refiner, paths = None, []
+        try:
+            pipe = family.pipeline(**{family.denoiser_attr: denoiser})
+            out = self.run_dir / "samples" / f"step-{self.state.step:07d}"
+            out.mkdir(parents=True, exist_ok=True)
+            res, refiner = self.recipe.data.resolution, self.refiner()
+            if refiner is not None:
+                refiner.to(acc.device)
+            with torch.no_grad(), acc.autocast():
+                for i, prompt in enumerate(v.prompts):
+                    images = make_images(pipe, prompt, negative_prompt=v.negative_prompt, steps=v.steps,
+                                         guidance=v.guidance, seed=v.seed, num_images=v.num_images, width=res,
+                                         height=res, refiner=refiner)
+                    for k, image in enumerate(images):
+                        paths.append(out / f"{i:02d}-{k}.png")
+                        image.save(paths[-1])
+        finally:  # also after a failure: training goes on as before
+            for m in moved:  # the cache keeps idle encoders (and the refiner) off the accelerator
+                m.to("cpu")
+            if refiner is not None:
+                refiner.to("cpu")
+            denoiser.train(was_training)
         self.log(f"samples {out}")
         return paths
 
@@ -211,9 +241,7 @@ class Trainer:
     def finish(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if self.recipe.validation.prompts:
-            self.validate()
-        if acc.is_main_process:
+        if acc.is_main_process:  # the result first: a failing final validation cannot lose it
             modules = [acc.unwrap_model(m) for m in self.step.modules]
             modules = [getattr(m, "_orig_mod", m) for m in modules]  # undo torch.compile
             if self.step.ema:
@@ -228,6 +256,8 @@ class Trainer:
             for path in written:
                 self.log(f"wrote {path}")
         acc.wait_for_everyone()
+        if self.recipe.validation.prompts:
+            self.validate()
         return self.run_dir
 
     def trainable_state(self) -> dict:
@@ -238,6 +268,15 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
             self.console.print(msg)
+            from rich.text import Text
+
+            self._append_log(Text.from_markup(msg).plain + "\n")
+
+    def _append_log(self, text: str) -> None:
+        """The run's own text log, RUN/train.log (once the run folder is sdkit's)."""
+        if (self.run_dir / MARKER).is_file():
+            with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}")
 
 
 def train(recipe: Recipe) -> Path:
