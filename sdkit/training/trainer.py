@@ -96,7 +96,7 @@ class Trainer:
             raise UserError("\n".join(problems))
         self.adapter = make_adapter(r.method)
         self.shape = run_shape(r, self.family_name, self.adapter, family_class(self.family_name), acc.num_processes)
-        resume = find_resume_checkpoint(r)
+        resume = find_resume_checkpoint(r, warn=self.log)  # damaged newest: named, the previous one used
         if resume is not None:  # a changed rank or batch fails here, not as a tensor-shape traceback
             check_shape(resume, read_state(resume), self.shape)
         if acc.is_main_process:
@@ -124,7 +124,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, acc, self.adapter, r.train.checkpoints_keep, self.log)
         self.state = Progress()
         if resume is not None:
-            self.state = self.checkpointer.load(resume, self.shape, self.step.noise_rng, self.step.ema)
+            self.state = self.checkpointer.load(resume, self.shape, self.step)
         elif r.train.resume == "auto":
             self.log("train.resume=auto: no complete checkpoint yet, starting fresh")
 
@@ -178,7 +178,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         with averaged_weights(self.step.optimizer):  # both runs of a resume switch alike: exact
-            return self.checkpointer.save(self.state, self.shape, self.step.noise_rng, self.step.ema)
+            return self.checkpointer.save(self.state, self.shape, self.step)
 
     # -- validation images
     def validate(self) -> list[Path]:

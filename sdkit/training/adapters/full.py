@@ -13,7 +13,7 @@ def freeze(family) -> None:
 class FullFineTune:
     kind = "full"
     title = "Full fine-tune"
-    # Checkpoints hold every weight (accelerate's default model saving).
+    # Checkpoints hold every weight.
     checkpoints_adapters_only = False
     usage = """```python
 from diffusers import DiffusionPipeline
@@ -53,6 +53,9 @@ image = pipe("{prompt}").images[0]
 
     def trainable_state(self, module) -> dict:
         return dict(module.state_dict())
+
+    def load_trainable_state(self, module, state: dict) -> None:
+        module.load_state_dict(state, strict=True)
 
     def save(self, family, modules: list, out: Path) -> list[Path]:
         # The run folder itself becomes a diffusers pipeline folder.
