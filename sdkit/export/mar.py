@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from sdkit.atomic import atomic_dir, atomic_write_path
+from sdkit.atomic import atomic_dir, atomic_write_path, remove_stale_temporaries
 from sdkit.errors import UserError
 from sdkit.export.model_files import ModelFile, component_files, refuse_pickled_weights
 from sdkit.export.run import check_name, default_name
@@ -38,6 +38,7 @@ ANSWERS_NAME = "sdkit_answers.py"
 SERVE_CONFIG = "sdkit_serve.json"  # must match handler.SERVE_CONFIG
 MODEL_CONFIG = "model-config.yaml"
 REQUIREMENTS = "requirements.txt"
+STAGING_MARK = ".staging-"  # .NAME.staging-PID-xxxx: a default/tgz/zip-store archive being written
 # torch-model-archiver's --archive-format choices and what each writes (its `archiving_options`):
 # a deflated zip, a zip that stores files as they are (fast for weights, which hardly compress),
 # a .tar.gz, or the unpacked folder.
@@ -127,12 +128,17 @@ def export_mar(
 def _write_store(archive: Path, name: str, archive_format: str, manifest: str, fill) -> None:
     """`fill(stage, link=...)` stages the archive's files; the archive appears at `archive` complete or not at all."""
     if archive_format == "no-archive":
+        remove_stale_temporaries(archive.parent)
         # Copies, never hard links: the folder outlives this call and must not change with the source.
         with atomic_dir(archive, overwrite=True) as stage:
             fill(stage, link=False)
             _write_archive(stage, stage.name, stage.parent, manifest, archive_format)
         return
-    with tempfile.TemporaryDirectory(prefix=f".{name}.staging-", dir=archive.parent.parent) as tmp:
+    # The staging folder's name carries our pid, so the next export can tell the leftovers of a
+    # killed one (hundreds of MB in the folder KServe's storageUri points at) and remove them.
+    remove_stale_temporaries(archive.parent.parent, marks=(STAGING_MARK,))
+    remove_stale_temporaries(archive.parent)
+    with tempfile.TemporaryDirectory(prefix=f".{name}{STAGING_MARK}{os.getpid()}-", dir=archive.parent.parent) as tmp:
         stage = Path(tmp) / "content"
         stage.mkdir()
         fill(stage, link=True)  # hard links are fine here: the staging folder is deleted after zipping

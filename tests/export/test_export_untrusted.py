@@ -122,3 +122,21 @@ def test_force_replaces_only_what_the_export_writes(tiny_sd, tmp_path, monkeypat
     monkeypatch.chdir(here)
     export_command(format="safetensors", model=str(tiny_sd), out=".", force=True)
     assert (here / "model_index.json").is_file() and (here / "keep.txt").read_text() == "x"
+
+
+def test_leftovers_of_a_killed_export_are_cleaned_by_the_next(tiny_sd, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the export that was SIGKILLed
+    out = tmp_path / "bucket"
+    staging = out / f".tiny.staging-{dead.pid}-k3j2x9/content/pipeline"
+    staging.mkdir(parents=True)
+    (staging / "weights.safetensors").write_bytes(b"0" * 4096)
+    (out / "model-store").mkdir()
+    half = out / "model-store" / f".tiny.mar.tmp-{dead.pid}-0a1b2c3d"
+    half.write_bytes(b"half an archive")
+    alive = out / f".other.staging-{os.getpid()}-abc"  # a running export's: left alone
+    alive.mkdir()
+    export_command(format="mar", model=str(tiny_sd), out=str(out), name="tiny")
+    assert sorted(p.name for p in out.iterdir()) == sorted([".other.staging-%d-abc" % os.getpid(), "config",
+                                                             "model-store"])
+    assert [p.name for p in (out / "model-store").iterdir()] == ["tiny.mar"]
