@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, shorten
 
 # The everyday loop, as users type it: train, then score, look at and ship the model just trained
 # (generate, eval and export default to the newest complete run in ./runs).
@@ -322,8 +322,8 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        for line in one_line(str(e)).splitlines():  # a recipe's problems: one line each
-            typer.echo(f"error: {line}", err=True)
+        for line in one_line(str(e)).splitlines()[:50]:  # a recipe's problems: one line each
+            typer.echo(f"error: {shorten(line, 1000)}", err=True)  # never megabytes of someone's input
         sys.exit(e.exit_code)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, shorten
 from sdkit.recipe_sections import (  # noqa: F401  (re-exported: sdkit.recipe is where callers look)
     COMPILE_AUTO_MIN_STEPS,
     SOURCE_KEYS,
@@ -156,6 +156,8 @@ def _sections(model: type[BaseModel] = Recipe, prefix: str = "") -> set[str]:
 
 
 def _unknown_key_message(key: str) -> str:
+    if len(key) > 100:  # no recipe key is this long: no suggestion (difflib is quadratic in it)
+        return f"unknown key '{shorten(key)}'"
     known = list(field_paths()) + sorted(_sections())
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close:  # a misspelled leaf inside the right section: compare last parts
@@ -185,15 +187,65 @@ def _walk_unknown(data: Any, model: type[BaseModel], prefix: str = "") -> list[s
     return bad
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML without aliases: a recipe never needs `*name`, and a few hundred bytes of nested
+    aliases expand to billions of values (an alias bomb) in every tool that walks them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{shorten(event.anchor, 40)}) are not "
+                                              "allowed in a recipe; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+MAX_DEPTH = 12  # a recipe is section.key (lists of strings at most); deeper nesting is refused cheaply
+
+
+def _depth_problem(data: Any) -> Optional[str]:
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep (a recipe is sections of keys)"
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML from outside as a recipe reads it: no aliases, nesting bounded, errors one line."""
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{where}:{line} is not valid YAML ({shorten(getattr(e, 'problem', None) or e)})") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested more than {MAX_DEPTH} levels deep (a recipe is sections of keys)") from None
+    problem = _depth_problem(data)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    return data
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise UserError(f"override '{text}' is not KEY=VALUE (e.g. train.max_steps=500)")
+        raise UserError(f"command line: override '{shorten(text)}' is not KEY=VALUE (e.g. train.max_steps=500)")
     key, raw = text.split("=", 1)
     key = key.strip()
+    parts = key.split(".")
+    if not all(part.strip() for part in parts):
+        raise UserError(f"command line: override '{shorten(text)}': '{shorten(key)}' is not a dotted key "
+                        "(e.g. train.max_steps=500)")
+    if len(parts) > MAX_DEPTH:
+        raise UserError(f"command line: override '{shorten(text)}': no recipe key is {len(parts)} levels deep")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = load_yaml(raw, "command line") if raw.strip() else None
+    except UserError as e:
+        if "nested" in str(e) or "aliases" in str(e):
+            raise UserError(f"command line: override '{shorten(key)}': {str(e).split(': ', 1)[-1]}") from None
+        value = raw  # not YAML: the text as it is
     return key, value
 
 
@@ -209,7 +261,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> set[str]:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise UserError(f"override '{text}': '{part}' is not a section")
+                raise UserError(f"command line: override '{shorten(text)}': '{shorten(part)}' is not a section")
             node = child
         node[parts[-1]] = value
         touched.add(key)
@@ -237,29 +289,24 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if not path.is_file():
         raise UserError(f"recipe file '{where}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{where}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"recipe file '{where}' cannot be read ({type(e).__name__})") from None
+    data = load_yaml(text, where) or {}
     if not isinstance(data, dict):
         raise UserError(f"{where}: a recipe is a mapping of sections (model:, data:, train: ...)")
     touched = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, where, touched)
 
 
-ECHO_LIMIT = 60  # characters of a bad value echoed back in an error
-
-
 def _echo(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= ECHO_LIMIT else text[: ECHO_LIMIT - 3] + "..."
+    return shorten(repr(value))
 
 
 def _validation_lines(e: ValidationError, origin) -> list[str]:
     lines = []
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"])
+        key = shorten(".".join(str(p) for p in err["loc"]))
         msg = err["msg"]
         if err["type"] == "missing":
             msg = "is required"
@@ -272,8 +319,8 @@ def _validation_lines(e: ValidationError, origin) -> list[str]:
 
 def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = frozenset()) -> Recipe:
     """Validate a recipe; every problem in it is reported at once, one line each (exit 2)."""
-    def origin(key: str) -> str:
-        return "command line" if key in from_cli else where
+    def origin(key: str) -> str:  # a key set by an override, or a section an override created
+        return "command line" if key in from_cli or any(k.startswith(f"{key}.") for k in from_cli) else where
 
     problems = [f"{origin(bad)}: {_unknown_key_message(bad)}" for bad in _walk_unknown(data, Recipe)]
     if problems:  # unknown keys first: pydantic would report each again as 'extra inputs'
