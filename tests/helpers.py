@@ -56,7 +56,7 @@ def fit_with(trainer, before_loop):
         trainer.loop()
         trainer.finish()
     finally:
-        trainer.accelerator.end_training()
+        trainer.close()
     return trainer
 
 
@@ -157,3 +157,18 @@ def train_two_cpu_ranks(tmp_path: Path, recipe: Path, port: int) -> tuple[Path, 
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return results, [json.loads((results / f"seen-{r}.json").read_text()) for r in (0, 1)]
+
+
+def run_sdkit(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`sdkit ARGS` in a subprocess, offline; its exit code and output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sdkit", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_error(result: subprocess.CompletedProcess) -> str:
+    """The single `error:` line of a run that exited 2 (and printed nothing else)."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 600, result.stderr[-2000:]
+    return lines[0]

@@ -3,28 +3,13 @@ never megabytes echoed back."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
+from helpers import one_error, run_sdkit
+
 MINIMAL = "model: {pretrained: a/b}\ndata: {dataset: c/d}\noutput_dir: runs/x\n"
-
-
-def sdkit(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sdkit", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def one_error(result) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-    assert len(lines[0]) < 600
-    return lines[0]
 
 
 ALIAS_BOMB = """a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
@@ -44,7 +29,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
     recipe.write_text(MINIMAL + ALIAS_BOMB)
     assert len(ALIAS_BOMB) < 520
     started = time.perf_counter()
-    line = one_error(sdkit("train", recipe, "--dry-run"))
+    line = one_error(run_sdkit("train", recipe, "--dry-run"))
     assert time.perf_counter() - started < 60
     assert line == f"error: {recipe}: line 5 is not valid YAML (YAML aliases (*a) are not allowed in a recipe; write the value out)"
 
@@ -55,12 +40,12 @@ def test_nesting_5000_levels_is_one_line(tmp_path, where):
     deep = "[" * 5000 + "]" * 5000
     if where == "file":
         recipe.write_text(MINIMAL + f"model_extra: {deep}\n")
-        assert one_error(sdkit("train", recipe, "--dry-run")).startswith(f"error: {recipe}: nested more than")
+        assert one_error(run_sdkit("train", recipe, "--dry-run")).startswith(f"error: {recipe}: nested more than")
     else:
         recipe.write_text(MINIMAL)
-        line = one_error(sdkit("train", recipe, f"train.max_steps={deep}", "--dry-run"))
+        line = one_error(run_sdkit("train", recipe, f"train.max_steps={deep}", "--dry-run"))
         assert line.startswith("error: command line: override 'train.max_steps': nested more than")
-        line = one_error(sdkit("train", recipe, ".".join(["a"] * 5000) + "=5", "--dry-run"))
+        line = one_error(run_sdkit("train", recipe, ".".join(["a"] * 5000) + "=5", "--dry-run"))
         assert line.startswith("error: command line: override 'a.a.a") and "levels deep" in line
 
 
@@ -68,7 +53,7 @@ def test_nesting_5000_levels_is_one_line(tmp_path, where):
 def test_empty_key_parts_are_blamed_on_the_command_line(tmp_path, override):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(MINIMAL)
-    line = one_error(sdkit("train", recipe, override, "--dry-run"))
+    line = one_error(run_sdkit("train", recipe, override, "--dry-run"))
     assert line.startswith(f"error: command line: override '{override}'") and "not a dotted key" in line
 
 
@@ -85,6 +70,6 @@ def test_unknown_section_from_an_override_is_blamed_on_the_command_line(tmp_path
 def test_huge_values_are_cut_in_errors(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(MINIMAL + f"train: {{max_steps: '{'9' * 100_000}x'}}\n{'k' * 100_000}: 1\n")
-    result = sdkit("train", recipe, "--dry-run")
+    result = run_sdkit("train", recipe, "--dry-run")
     assert result.returncode == 2 and len(result.stderr) < 2000, result.stderr[:3000]
     assert all(line.startswith("error: ") for line in result.stderr.strip().splitlines())

@@ -4,9 +4,10 @@
 one `TrainStep` (sdkit.training.step) until the run is done, with logging, checkpoints and
 validation images around it; `finish()` writes the result. `fit()` does all three.
 
-A run folder holds recipe.yaml, checkpoints/ (see sdkit.training.checkpoints), samples/,
-logs/ (TensorBoard), cache/ and, at the end, the result: a diffusers pipeline (full) or
-pytorch_lora_weights.safetensors (LoRA), plus README.md, a model card.
+A run folder (sdkit.training.run_folder: marked, checked, locked) holds recipe.yaml, train.log,
+checkpoints/ (see sdkit.training.checkpoints), samples/, logs/ (TensorBoard), cache/ and, at the
+end, the result: a diffusers pipeline (full) or pytorch_lora_weights.safetensors (LoRA), plus
+README.md, a model card.
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import yaml
 
-from helpers import write_recipe
+from helpers import one_error, run_sdkit, write_recipe
 
 LOCKER = """
 import sys, time
@@ -24,19 +23,6 @@ time.sleep(120)
 """
 
 
-def sdkit(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sdkit", *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-def one_error(result) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: output_dir: "), result.stderr[-2000:]
-    return lines[0]
-
-
 def _snapshot(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -44,17 +30,17 @@ def _snapshot(folder):
 def test_output_dir_on_the_data_the_model_or_your_files_is_refused(tiny_sd, image_folder, tmp_path):
     recipe = write_recipe(tmp_path, tiny_sd, image_folder, tmp_path / "run")
     data_before, model_before = _snapshot(image_folder), _snapshot(tiny_sd)
-    assert "is the data.dataset folder" in one_error(sdkit("train", recipe, f"output_dir={image_folder}"))
-    assert "is inside the data.dataset folder" in one_error(sdkit("train", recipe, f"output_dir={image_folder}/run"))
+    assert "is the data.dataset folder" in one_error(run_sdkit("train", recipe, f"output_dir={image_folder}"))
+    assert "is inside the data.dataset folder" in one_error(run_sdkit("train", recipe, f"output_dir={image_folder}/run"))
     assert "is the model.pretrained folder" in one_error(
-        sdkit("train", recipe, f"output_dir={tiny_sd}", "method.type=full"))
+        run_sdkit("train", recipe, f"output_dir={tiny_sd}", "method.type=full"))
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes")
     (mine / "recipe.yaml").write_text("my recipe")
-    assert "is not an sdkit run folder" in one_error(sdkit("train", recipe, f"output_dir={mine}"))
+    assert "is not an sdkit run folder" in one_error(run_sdkit("train", recipe, f"output_dir={mine}"))
     (tmp_path / "a-file").write_text("x")
-    assert "is a file" in one_error(sdkit("train", recipe, f"output_dir={tmp_path / 'a-file'}"))
+    assert "is a file" in one_error(run_sdkit("train", recipe, f"output_dir={tmp_path / 'a-file'}"))
     assert _snapshot(image_folder) == data_before and _snapshot(tiny_sd) == model_before
     assert (mine / "README.md").read_text() == "my notes" and (mine / "recipe.yaml").read_text() == "my recipe"
 
@@ -71,7 +57,7 @@ def test_a_second_run_into_a_locked_folder_exits_2_and_a_dead_holder_is_taken_ov
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = one_error(sdkit("train", recipe))
+        line = one_error(run_sdkit("train", recipe))
         assert f"in use by another sdkit train (pid {holder.pid} on host {socket.gethostname()}" in line
     finally:
         holder.send_signal(signal.SIGKILL)  # a crash: the lock file still names it
