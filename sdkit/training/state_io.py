@@ -53,7 +53,8 @@ def _encode(value: Any, tensors: dict) -> Any:
         if all(isinstance(k, str) for k in value) and TAG not in value:
             return {k: _encode(v, tensors) for k, v in value.items()}
         return {TAG: "dict", "v": [[_encode(k, tensors), _encode(v, tensors)] for k, v in value.items()]}
-    raise StateFormatError(f"cannot store a {type(value).__name__} in a checkpoint without pickle")
+    kind = type(value).__qualname__
+    raise StateFormatError(f"cannot store a {kind} without pickle (checkpoint state)")
 
 
 def _decode(value: Any, tensors: dict) -> Any:
