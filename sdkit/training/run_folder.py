@@ -105,6 +105,8 @@ def acquire_run_lock(run_dir: str | os.PathLike, warn: Callable[[str], None]) ->
         os.close(fd)
         raise UserError(f"output_dir: '{shorten(str(run_dir))}' is in use by another sdkit train ({_describe(holder)}); "
                         "wait for it to finish or choose another output_dir") from None
+    except OSError:
+        pass  # a filesystem without flock: the pid check below is all there is
     holder, host = _holder(fd), socket.gethostname()
     if holder.get("pid") and (holder.get("pid"), holder.get("host")) != (os.getpid(), host):
         if holder.get("host") == host and isinstance(holder["pid"], int) and pid_alive(holder["pid"]) \
