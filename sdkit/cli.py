@@ -44,18 +44,44 @@ OverridesArg = typer.Argument(None, help="Recipe overrides as dotted KEY=VALUE, 
 
 @app.command(help=with_loop("Train from a recipe (full fine-tune or LoRA), through accelerate."))
 def train(
-    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/sd15-lora.yaml."),
+    recipe: Path = typer.Argument(..., help="YAML recipe file, or a shipped recipe's name (sdkit recipes)."),
     overrides: Optional[List[str]] = OverridesArg,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and what would run; load nothing."),
     accelerate_config: Optional[Path] = typer.Option(
         None, "--accelerate-config", help="accelerate config (default: ./accelerate_config.yaml when present)."
     ),
 ):
-    from sdkit.training.launch import launch_or_run
     from sdkit.recipe import load_recipe
+    from sdkit.shipped import resolve_recipe
+    from sdkit.training.launch import launch_or_run
 
+    recipe = resolve_recipe(recipe)
     resolved = load_recipe(recipe, overrides or [])
     launch_or_run(resolved, recipe, overrides or [], accelerate_config, dry_run=dry_run)
+
+
+recipes_app = typer.Typer(help="The recipes that ship with sdkit: list them, copy one to edit.", no_args_is_help=False)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback(invoke_without_command=True)
+def recipes(ctx: typer.Context):
+    """List the shipped recipes: family, method, GPU memory target (train one with `sdkit train NAME`)."""
+    if ctx.invoked_subcommand is None:
+        from sdkit.shipped import table
+
+        typer.echo(table())
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: str = typer.Argument(..., help="A shipped recipe's name (see `sdkit recipes`)."),
+    path: Optional[Path] = typer.Argument(None, help="File or folder to copy to (default: ./NAME.yaml)."),
+):
+    """Copy a shipped recipe to edit."""
+    from sdkit.shipped import copy_recipe
+
+    typer.echo(f"wrote {copy_recipe(name, path)}")
 
 
 @app.command(help=with_loop("Generate images from a base model, a fine-tune, a LoRA, or SDXL base + refiner."))

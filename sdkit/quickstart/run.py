@@ -51,14 +51,15 @@ Log = Callable[[str], None]
 
 
 def _shipped(name: str) -> Path:
-    """recipes/NAME of this checkout (or of the current folder)."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        path = root / "recipes" / name
-        if path.is_file():
-            return path
-    from sdkit.errors import UserError
+    """NAME among the shipped recipes (installed with sdkit, or this checkout's recipes/)."""
+    from sdkit.shipped import recipes_dir
 
-    raise UserError(f"recipes/{name} not found (run sdkit quickstart from the sdkit checkout)")
+    path = recipes_dir() / name
+    if not path.is_file():
+        from sdkit.errors import UserError
+
+        raise UserError(f"{path} is missing from this sdkit install (reinstall it)")
+    return path
 
 
 def recipe_path() -> Path:

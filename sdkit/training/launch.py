@@ -43,7 +43,10 @@ def read_accelerate_config(path: Optional[Path]) -> tuple[Optional[Path], dict]:
 
 
 def process_count(config: dict) -> int:
-    return int(config.get("num_processes", 1) or 1) * max(1, int(config.get("num_machines", 1) or 1))
+    """Processes in all: accelerate's `num_processes` counts every machine's already."""
+    from sdkit.training.engines import counts
+
+    return counts(config)[1]
 
 
 def describe(recipe: Recipe, processes: int) -> str:
@@ -73,9 +76,16 @@ def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], confi
 
     check_output_dir(recipe)  # before a relaunch or a dry run's report
     if dry_run:
+        from sdkit.training.engines import check_engine, describe as describe_engine
+
+        engine = check_engine(config_path, config, recipe) if not already_launched() else None
         print(recipe.to_yaml().rstrip())
         print("---")
         print(describe(recipe, processes))
+        if engine is not None:
+            print("\n".join(describe_engine(engine)))
+            if needs_launch(config, processes):
+                print("launch: " + " ".join(launch_command(recipe_path, overrides, config_path, engine.per_machine)))
         if recipe.data.buckets:
             from sdkit.families import resolve_family_name
             from sdkit.training.build import bucket_report
@@ -83,23 +93,39 @@ def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], confi
             print(bucket_report(recipe, resolve_family_name(recipe.model), processes))
         print("dry run: no model was loaded, nothing was trained")
         return
-    if processes > 1 and not already_launched():
-        relaunch(recipe_path, overrides, config_path, processes)
+    if needs_launch(config, processes) and not already_launched():
+        relaunch(recipe_path, overrides, config_path, process_count_per_machine(config))
         return
     from sdkit.training.trainer import train
 
     train(recipe)
 
 
-def relaunch(recipe_path: Path, overrides: list[str], config_path: Path, processes: int) -> None:
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    cmd = [
+def needs_launch(config: dict, processes: int) -> bool:
+    """Several processes, or an engine only `accelerate launch` sets up (DeepSpeed, FSDP: one GPU too)."""
+    return processes > 1 or str(config.get("distributed_type", "NO")).upper() in ("DEEPSPEED", "FSDP")
+
+
+def process_count_per_machine(config: dict) -> int:
+    from sdkit.training.engines import counts
+
+    machines, processes = counts(config)
+    return processes // machines
+
+
+def launch_command(recipe_path: Path, overrides: list[str], config_path: Path, local_processes: int) -> list[str]:
+    threads = max(1, (os.cpu_count() or 1) // local_processes)
+    return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(config_path),
         # accelerate sets OMP_NUM_THREADS=1 otherwise, which makes CPU ranks several times slower.
         "--num_cpu_threads_per_process", str(threads),
         "-m", "sdkit", "train", str(recipe_path), *overrides,
     ]
+
+
+def relaunch(recipe_path: Path, overrides: list[str], config_path: Path, local_processes: int) -> None:
+    cmd = launch_command(recipe_path, overrides, config_path, local_processes)
     print("launching:", " ".join(cmd), file=sys.stderr)
     code = subprocess.call(cmd)
     if code:
