@@ -325,11 +325,13 @@ def quickstart(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Training steps (default: the recipe's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the base model, training and judged images."),
     images_per_digit: int = typer.Option(10, "--images-per-digit", min=1, help="Judged images per digit."),
+    vae_steps: Optional[int] = typer.Option(None, "--vae-steps", min=1, help="Training steps of the digit VAE (default 200; a smoke test: 2)."),
 ):
     """Offline, on a CPU, in minutes: train a miniature SD model on handwritten digits, export and judge it."""
     from sdkit.quickstart.run import quickstart_command
 
-    quickstart_command(out=str(out), steps=steps, seed=seed, images_per_digit=images_per_digit)
+    quickstart_command(out=str(out), steps=steps, seed=seed, images_per_digit=images_per_digit,
+                       **({"vae_steps": vae_steps} if vae_steps else {}))
 
 
 @app.command()

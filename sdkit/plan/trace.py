@@ -95,8 +95,8 @@ class PlanAccelerator:
     def autocast(self):
         return torch.autocast("cpu", dtype=self.low) if self.low is not None else contextlib.nullcontext()
 
-    def no_sync(self, module):
-        return contextlib.nullcontext()
+    def accumulate(self, *modules):
+        return contextlib.nullcontext()  # one traced micro-batch: no accumulation window to sync
 
 
 class _Tokenizer:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sdkit.errors import UserError
+from sdkit.training.distributed import full_parameters
 from sdkit.training.optim import EMA, make_lr_schedule, make_optimizer, param_groups, training_optimizer
 from sdkit.training.step import TrainStep
 
@@ -104,8 +106,8 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
     modules, (optimizer, schedule) = list(prepared[: len(modules)]), prepared[len(modules):]
     ema = None
     if recipe.ema_applies:
-        ema = EMA(accelerator.unwrap_model(modules[0]), recipe.train.ema_decay,
-                  device="cpu" if recipe.train.ema_on_cpu else None)
+        with full_parameters(accelerator, modules[0]) as denoiser:  # ZeRO-3/FSDP: not this rank's slice
+            ema = EMA(denoiser, recipe.train.ema_decay, device="cpu" if recipe.train.ema_on_cpu else None)
     # All randomness of a step (latent sampling, noise, timesteps) comes from this stream,
     # one per rank, saved in every checkpoint: resumed runs draw exactly the same numbers.
     rng = torch.Generator().manual_seed(recipe.train.seed * 1000 + accelerator.process_index)
@@ -116,6 +118,7 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
         compute_dtype=adapter.compute_dtype(dtype), resolution=recipe.data.resolution,
         accumulation=recipe.train.gradient_accumulation, max_grad_norm=recipe.global_clip_norm,
         ema=ema, trains_text=recipe.method.train_text_encoder, compile_guard=guard,
+        full_parameters=partial(full_parameters, accelerator),
     )
 
 

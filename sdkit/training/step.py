@@ -8,7 +8,7 @@ step once. It returns the mean loss as a tensor on the device and never reads it
 the device is synchronised only where the caller asks for the number (the log interval).
 
 Its parts come from the builders (sdkit.training.build). The `accelerator` is anything with
-accelerate's Accelerator methods used here (backward, clip_grad_norm_, autocast, no_sync,
+accelerate's Accelerator methods used here (accumulate, backward, clip_grad_norm_, autocast,
 unwrap_model, device, num_processes): plan passes a plain-torch stand-in. `phase(name)` is a
 context manager factory the caller may replace to time or trace the phases "data",
 "encoders", "forward", "backward" and "optimizer".
@@ -48,19 +48,30 @@ class TrainStep:
     ema: Any = None
     trains_text: bool = False  # the text encoders are among `modules`
     compile_guard: Any = None  # sdkit.training.compiled.CompileGuard when the denoiser is compiled
+    # full_parameters(prepared) -> context giving the unwrapped module with full weights
+    # (ZeRO-3/FSDP gather them); the EMA reads through it. Default: unwrap_model.
+    full_parameters: Optional[Callable] = field(default=None, repr=False)
     phase: Callable[[str], Any] = field(default=no_phase, repr=False)
 
     def __call__(self, batches: Iterator[dict], step_number: int):
         """One optimizer step over `accumulation` micro-batches; `step_number` counts from 1."""
         total = None
+        acc = self.accelerator
+        if getattr(acc, "gradient_accumulation_steps", self.accumulation) != self.accumulation:
+            # accelerate keeps ONE accumulation setting per process; runs that share a process
+            # (bench --compare, tests) each set theirs back before they step.
+            acc.gradient_accumulation_steps = self.accumulation
         for micro in range(self.accumulation):
             with self.phase("data"):
                 batch = next(batches)
-            with self._no_sync(micro < self.accumulation - 1):
+            # accelerate decides per micro-batch whether gradients sync (DDP/FSDP: no all-reduce
+            # before the window's last; DeepSpeed: its engine steps once per window) and scales
+            # the loss by its gradient_accumulation_steps, which the trainer sets to `accumulation`.
+            with acc.accumulate(*self.modules):
                 with self.phase("forward"):
                     loss = self.compute_loss(batch)
                 with self.phase("backward"):
-                    self.accelerator.backward(loss / self.accumulation)
+                    acc.backward(loss)
             loss = loss.detach()
             total = loss if total is None else total + loss
         with self.phase("optimizer"):
@@ -114,12 +125,6 @@ class TrainStep:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(acc.unwrap_model(self.modules[0]), step_number)
-
-    def _no_sync(self, skip_sync: bool):
-        """Gradient accumulation: no all-reduce on micro-batches that do not step."""
-        stack = contextlib.ExitStack()
-        if skip_sync and self.accelerator.num_processes > 1:
-            for m in self.modules:
-                stack.enter_context(self.accelerator.no_sync(m))
-        return stack
+            gather = self.full_parameters or (lambda m: contextlib.nullcontext(acc.unwrap_model(m)))
+            with gather(self.modules[0]) as denoiser:
+                self.ema.update(denoiser, step_number)

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from sdkit.errors import UserError
 from sdkit.recipe import Recipe
-from sdkit.training import build
+from sdkit.training import build, distributed
 from sdkit.training.checkpoints import (  # noqa: F401  (find_resume_checkpoint: public here too)
     Checkpointer, Progress, check_shape, find_resume_checkpoint, read_state, run_shape,
 )
@@ -88,9 +88,11 @@ class Trainer:
             cpu=not cuda, mixed_precision=self.precision,
             log_with="tensorboard" if r.logging.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+            **distributed.accelerator_kwargs(r),
         )
         if acc.is_main_process:  # before reading checkpoints another run might be rotating
             acquire_run_lock(self.run_dir, warn=self.log)
+        distributed.configure(acc, r)
         self.family_name = resolve_family_name(r.model)
         problems = family_class(self.family_name).check_recipe(r)
         if problems:
@@ -105,6 +107,7 @@ class Trainer:
             (self.run_dir / "recipe.yaml").write_text(r.to_yaml())
         if precision_note:
             self.log(f"[yellow]{precision_note}[/]")
+        distributed.check_shared_output_dir(acc, self.run_dir)
         set_seed(r.train.seed)
         self._build(resume)
         if r.logging.tensorboard:
@@ -183,24 +186,26 @@ class Trainer:
 
     # -- validation images
     def validate(self) -> list[Path]:
-        """Sample the validation prompts. A failure is logged with its traceback in the run's log
-        (train.log) and training goes on: images are a view of the run, never a reason to lose it."""
+        """Sample the validation prompts. Every rank makes the images (a sharded denoiser's forward
+        needs all of them; the seeds make them identical); the main process writes them. A failure
+        is logged with its traceback in the run's log (train.log) and training goes on: images are
+        a view of the run, never a reason to lose it."""
         acc = self.accelerator
         paths: list[Path] = []
-        if acc.is_main_process:
-            try:
-                with averaged_weights(self.step.optimizer):
-                    paths = self._sample_images()
-            except Exception as e:
-                import traceback
+        try:
+            with averaged_weights(self.step.optimizer):
+                paths = self._sample_images()
+        except Exception as e:
+            import traceback
 
-                from sdkit.errors import first_line, shorten
+            from sdkit.errors import first_line, shorten
 
+            if acc.is_main_process:
                 self._append_log(traceback.format_exc())
-                self.log(f"[red]validation at step {self.state.step} failed[/] ({type(e).__name__}: "
-                         f"{shorten(first_line(e))}); training goes on, traceback in {self.run_dir / LOG_FILE}")
+            self.log(f"[red]validation at step {self.state.step} failed[/] ({type(e).__name__}: "
+                     f"{shorten(first_line(e))}); training goes on, traceback in {self.run_dir / LOG_FILE}")
         acc.wait_for_everyone()
-        return paths
+        return paths if acc.is_main_process else []
 
     def _sample_images(self) -> list[Path]:
         import torch
@@ -208,7 +213,7 @@ class Trainer:
         from sdkit.inference.sampling import make_images
 
         acc, v, family = self.accelerator, self.recipe.validation, self.family
-        denoiser = acc.unwrap_model(self.step.modules[0])
+        denoiser = distributed.forward_module(acc, self.step.modules[0])
         moved = [m for m in family.frozen_modules() if m.device != acc.device]
         build.move_frozen(family, acc.device)
         was_training = denoiser.training
@@ -217,7 +222,8 @@ class Trainer:
         try:
             pipe = family.pipeline(**{family.denoiser_attr: denoiser})
             out = self.run_dir / "samples" / f"step-{self.state.step:07d}"
-            out.mkdir(parents=True, exist_ok=True)
+            if acc.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
             res, refiner = self.recipe.data.resolution, self.refiner()
             if refiner is not None:
                 refiner.to(acc.device)
@@ -228,7 +234,8 @@ class Trainer:
                                          height=res, refiner=refiner)
                     for k, image in enumerate(images):
                         paths.append(out / f"{i:02d}-{k}.png")
-                        image.save(paths[-1])
+                        if acc.is_main_process:
+                            image.save(paths[-1])
         finally:  # also after a failure: training goes on as before
             for m in moved:  # the cache keeps idle encoders (and the refiner) off the accelerator
                 m.to("cpu")
@@ -242,13 +249,11 @@ class Trainer:
     def finish(self) -> Path:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:  # the result first: a failing final validation cannot lose it
-            modules = [acc.unwrap_model(m) for m in self.step.modules]
-            modules = [getattr(m, "_orig_mod", m) for m in modules]  # undo torch.compile
-            if self.step.ema:
-                self.step.ema.copy_to(modules[0])
-            with averaged_weights(self.step.optimizer):
+        with averaged_weights(self.step.optimizer):  # schedule-free: its averaged weights are the result
+            modules = distributed.gathered_modules(acc, self.step.modules, self.step.ema)  # every rank gathers
+            if acc.is_main_process:  # the result first: a failing final validation cannot lose it
                 written = self.adapter.save(self.family, modules, self.run_dir)
+        if acc.is_main_process:
             from sdkit.training.model_card import write_model_card
 
             write_model_card(self.recipe, self.run_dir, family=self.family_name, steps=self.state.step,
