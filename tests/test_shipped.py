@@ -84,6 +84,9 @@ def test_wheel_installs_outside_the_checkout_with_its_recipes(tmp_path):
         assert sdkit(*args, cwd=work, env=env, exe=exe).returncode == 0
     dry = sdkit("train", "tiny-sd-lora", "--dry-run", cwd=work, env=env, exe=exe)
     assert dry.returncode == 0 and "effective batch" in dry.stdout, dry.stderr[-2000:]
+    found = subprocess.run([py, "-c", "from sdkit.quickstart.run import recipe_path, digit_prompts_path as d; "
+                                      "print(recipe_path(), d())"], capture_output=True, text=True, env=env, cwd=work)
+    assert found.stdout.count(str(venv)) == 2, found.stdout + found.stderr  # the quickstart's recipe comes with the wheel
     quick = sdkit("quickstart", "--steps", "5", "--vae-steps", "2", "--images-per-digit", "1", cwd=work, env=env, exe=exe)
     assert quick.returncode == 0, quick.stderr[-3000:]
     assert (work / "runs" / "quickstart" / "quickstart.json").is_file()
