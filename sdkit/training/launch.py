@@ -90,7 +90,10 @@ def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], confi
             from sdkit.families import resolve_family_name
             from sdkit.training.build import bucket_report
 
-            print(bucket_report(recipe, resolve_family_name(recipe.model), processes))
+            try:  # the table reads the dataset; a hub dataset offline still gets the rest of the dry run
+                print(bucket_report(recipe, resolve_family_name(recipe.model), processes))
+            except UserError as e:
+                print(f"buckets: not shown ({e}); `sdkit data check RECIPE` lists them once the data can be read")
         print("dry run: no model was loaded, nothing was trained")
         return
     if needs_launch(config, processes) and not already_launched():
