@@ -96,6 +96,7 @@ def test_pickled_weights_are_refused_in_one_line(home):
                              "--out", str(root / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
+        f"model: {model} (--model)",  # which model the command took (sdkit.inference.default_model)
         f"error: --model: '{model}' has only pickled weights for vae (vae/diffusion_pytorch_model.bin); "
         "sdkit loads no pickle (it can run code): convert them to safetensors first"]
     with pytest.raises(UserError, match="only pickled weights for vae"):
