@@ -172,3 +172,20 @@ def one_error(result: subprocess.CompletedProcess) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 600, result.stderr[-2000:]
     return lines[0]
+
+
+def pipe_image(pipe, size: int, seed: int = 0):
+    """A 2-step image of 'a red circle' as a float array (for pixel comparisons)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle", num_inference_steps=2, height=size, width=size, output_type="np",
+                generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
