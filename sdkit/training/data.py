@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from PIL import Image, ImageOps
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, shorten
 from sdkit.recipe import DataConfig
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -313,9 +313,8 @@ def _metadata_records(folder: Path, meta: Path, cfg: DataConfig, display_root: P
     return records
 
 
-def _echo(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _echo(value: Any) -> str:
+    return shorten(repr(value), 60)  # a file_name is short: 60 characters name it
 
 
 def _caption_text(value: Any) -> str:
