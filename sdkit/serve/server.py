@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, first_line, shorten
 
 
 def pipeline_config(model: str, *, lora: Optional[str] = None, refiner: Optional[str] = None,
@@ -43,7 +43,7 @@ def _local_folder(ref: str) -> str:
     try:
         return str(DiffusionPipeline.download(ref))
     except Exception as e:  # noqa: BLE001  offline, unknown id, gated model
-        raise UserError(f"--model: cannot fetch '{ref}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"--model: cannot fetch '{ref}': {type(e).__name__}: {shorten(first_line(e))}") from None
 
 
 def model_name(model: str, name: Optional[str]) -> str:

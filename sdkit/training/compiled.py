@@ -18,6 +18,8 @@ import os
 import warnings
 from pathlib import Path
 
+from sdkit.errors import first_line
+
 RECOMPILE_LIMIT = 64  # distinct batch shapes (buckets) kept compiled
 
 
@@ -78,8 +80,7 @@ class CompileGuard:
         try:
             out = compute()
         except _compile_errors() as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.failure = f"{type(e).__name__}: {reason}"[:300]
+            self.failure = f"{type(e).__name__}: {first_line(e)}"[:300]
             warnings.warn(f"train.compile: compiling the denoiser failed ({self.failure}); training goes on eagerly",
                           RuntimeWarning, stacklevel=2)
             uncompile(self.module)
