@@ -237,16 +237,22 @@ def training_metadata(
     return {k: v for k, v in meta.items() if v != ""}
 
 
+# kohya records the optimizer's class path; the others are named by their recipe name.
+KOHYA_OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+                         "adafactor": "transformers.optimization.Adafactor", "prodigy": "prodigyopt.Prodigy",
+                         "adamw_schedulefree": "schedulefree.AdamWScheduleFree"}
+
+
 def _recipe_metadata(recipe, *, text_encoders: bool) -> dict[str, str]:
     """The `ss_*` keys that describe how the run trained."""
     train, optim, data = recipe.train, recipe.optim, recipe.data
     return {
         "ss_learning_rate": str(optim.lr),
         "ss_unet_lr": str(optim.lr),
-        "ss_text_encoder_lr": str(optim.lr) if text_encoders else "0",
+        "ss_text_encoder_lr": str(optim.text_encoder_lr or optim.lr) if text_encoders else "0",
         "ss_lr_scheduler": optim.lr_scheduler,
         "ss_lr_warmup_steps": str(optim.warmup_steps),
-        "ss_optimizer": {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}[optim.name],
+        "ss_optimizer": KOHYA_OPTIMIZER_NAMES.get(optim.name, optim.name),
         "ss_max_train_steps": str(train.max_steps) if train.max_steps else "",
         "ss_steps": str(train.max_steps) if train.max_steps else "",
         "ss_num_epochs": str(train.epochs) if train.epochs else "",
@@ -259,7 +265,7 @@ def _recipe_metadata(recipe, *, text_encoders: bool) -> dict[str, str]:
         "ss_min_snr_gamma": str(train.snr_gamma) if train.snr_gamma else "",
         "ss_network_dropout": str(recipe.method.dropout),
         "ss_cache_latents": str(data.cache),
-        "ss_dataset_dirs": json.dumps({data.dataset: {"n_repeats": 1}}),
+        "ss_dataset_dirs": json.dumps({source.dataset: {"n_repeats": source.repeats} for source in data.sources()}),
         "ss_caption_dropout_rate": str(data.caption_dropout),
         "ss_flip_aug": str(data.random_flip),
     }

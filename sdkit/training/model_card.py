@@ -9,8 +9,9 @@ from sdkit.recipe import Recipe
 
 
 def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, final_loss: Optional[float],
-                     lr: Optional[float] = None, adapter=None) -> Path:
-    """`adapter` (sdkit.training.adapters) says what the method is and how its result is used."""
+                     lr: Optional[float] = None, adapter=None, precision: Optional[str] = None) -> Path:
+    """`adapter` (sdkit.training.adapters) says what the method is and how its result is used;
+    `precision` is the mixed precision the run really used (fp16 falls back to fp32 without CUDA)."""
     if adapter is None:
         from sdkit.training.adapters import make_adapter
 
@@ -31,7 +32,7 @@ def write_model_card(recipe: Recipe, run_dir: Path, *, family: str, steps: int, 
         "",
         f"- learning rate {lr or recipe.optim.lr} ({recipe.optim.name}, {recipe.optim.lr_scheduler})",
         f"- batch size {recipe.train.batch_size} x {recipe.train.gradient_accumulation} accumulation",
-        f"- mixed precision {recipe.train.mixed_precision}",
+        f"- mixed precision {precision or recipe.train.mixed_precision}",
     ]
     lines += adapter.card_lines()
     if final_loss is not None:

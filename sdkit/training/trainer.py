@@ -258,7 +258,7 @@ class Trainer:
 
             write_model_card(self.recipe, self.run_dir, family=self.family_name, steps=self.state.step,
                              final_loss=self.last_loss, lr=self.recipe.learning_rate(acc.num_processes),
-                             adapter=self.adapter)
+                             adapter=self.adapter, precision=self.precision)
             for path in written:
                 self.log(f"wrote {path}")
         acc.wait_for_everyone()

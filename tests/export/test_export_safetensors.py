@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +196,7 @@ def test_kohya_lora_sdxl_uses_sgm_unet_names_and_both_text_encoders(tiny_sdxl, t
     np.testing.assert_allclose(kohya_image, peft_image, atol=1e-5)
 
 
-def _fake_run(tmp_path: Path, model: Path, lora: Path, data: Path) -> Path:
+def _fake_run(tmp_path: Path, model: Path, lora: Path, data: Path, *, optim=None, datasets=None) -> Path:
     """A LoRA run folder as `sdkit train` leaves it: recipe.yaml, the LoRA file and a model card."""
     run = tmp_path / "my-run"
     run.mkdir()
@@ -204,9 +205,11 @@ def _fake_run(tmp_path: Path, model: Path, lora: Path, data: Path) -> Path:
         "method": {"type": "lora", "rank": 4, "alpha": 8},
         "data": {"dataset": str(data), "resolution": 32},
         "train": {"max_steps": 123, "batch_size": 2, "seed": 7},
-        "optim": {"lr": 2e-4, "lr_scheduler": "cosine"},
+        "optim": {"lr": 2e-4, "lr_scheduler": "cosine", **(optim or {})},
         "output_dir": str(run),
     }
+    if datasets:
+        recipe["data"] = {"datasets": datasets, "resolution": 32}
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (run / "pytorch_lora_weights.safetensors").write_bytes(lora.read_bytes())
     (run / "README.md").write_text("# my-run\n")
@@ -228,6 +231,9 @@ def test_lora_from_a_run_folder_carries_training_metadata(tiny_sd, image_folder,
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8.0"
     assert meta["ss_output_name"] == "my-run" and meta["modelspec.title"] == "my-run"
     assert meta["modelspec.resolution"] == "32x32"
+
+    assert json.loads(meta["ss_dataset_dirs"]) == {str(image_folder): {"n_repeats": 1}}
+    assert meta["ss_optimizer"] == "torch.optim.AdamW"
 
     # peft format into a folder: pytorch_lora_weights.safetensors, metadata kept, loads from the folder.
     peft_out = tmp_path / "peft"
@@ -309,3 +315,14 @@ def test_format_mar_is_handed_to_the_archive_writer(tiny_sd, tmp_path):
     for flag, kwargs in (("--single-file", dict(single_file=True)), ("--lora-format", dict(lora_format="kohya"))):
         with pytest.raises(UserError, match=flag):
             export_command(format="mar", model=str(tiny_sd), out=str(tmp_path / "other"), **kwargs)
+
+
+def test_kohya_metadata_names_every_optimizer_and_each_dataset_with_its_repeats(tiny_sd, image_folder, tmp_path):
+    lora = make_lora(tiny_sd, tmp_path / "lora", rank=4, alpha=8, text_encoders=False)
+    other = tmp_path / "other-images"
+    shutil.copytree(image_folder, other)
+    run = _fake_run(tmp_path, tiny_sd, lora, image_folder, optim={"name": "prodigy", "lr": 1.0},
+                    datasets=[{"dataset": str(image_folder)}, {"dataset": str(other), "repeats": 3}])
+    _, meta = read_safetensors(_export(run, tmp_path / "out", lora_format="kohya")[0])
+    assert meta["ss_optimizer"] == "prodigyopt.Prodigy" and meta["ss_learning_rate"] == "1.0"
+    assert json.loads(meta["ss_dataset_dirs"]) == {str(image_folder): {"n_repeats": 1}, str(other): {"n_repeats": 3}}

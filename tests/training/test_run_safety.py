@@ -31,6 +31,7 @@ def test_shipped_fp16_full_recipe_trains_and_samples_on_a_cpu(tiny_sd, image_fol
     assert (out / "model_index.json").is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000001", "step-0000002"]
     assert "trains in fp32" in (out / "train.log").read_text()
+    assert "- mixed precision no" in (out / "README.md").read_text()  # the card tells what ran, not what was asked
 
 
 def test_a_failing_validation_is_logged_and_training_goes_on(tiny_sd, image_folder, tmp_path):
