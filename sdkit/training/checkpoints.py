@@ -40,6 +40,7 @@ def run_shape(recipe, family_name: str, adapter, family, processes: int) -> dict
         "model.family": family_name,
         **adapter.shape(family),
         "data.resolution": recipe.data.resolution,
+        "data.buckets": recipe.data.buckets,  # the batches of an epoch, hence where the resume continues
         "train.batch_size": recipe.train.batch_size,
         "train.gradient_accumulation": recipe.train.gradient_accumulation,
         "processes": processes,

@@ -42,7 +42,7 @@ def test_checkpoint_records_the_run_shape(checkpointed):
 
 
 @pytest.mark.parametrize("override, key", [("method.rank=8", "method.rank"), ("train.batch_size=2", "train.batch_size"),
-                                           ("method.type=full", "method.type")])
+                                           ("method.type=full", "method.type"), ("data.buckets=true", "data.buckets")])
 def test_resume_with_a_changed_shape_is_one_line_before_loading(checkpointed, override, key):
     recipe, _ = checkpointed
     result = sdkit("train", recipe, override, "train.max_steps=8")
