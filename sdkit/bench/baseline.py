@@ -43,7 +43,11 @@ class PlainLoopRunner:
         start = time.perf_counter()
         r = recipe
         self.recipe = r
-        self.acc = acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=r.train.mixed_precision)
+        from sdkit.training.build import run_precision
+
+        # The precision the trainer runs with (fp16 trains in fp32 without CUDA), so both loops compare alike.
+        precision, _ = run_precision(r.train.mixed_precision, torch.cuda.is_available())
+        self.acc = acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
         set_seed(r.train.seed)
         path, revision = r.model.pretrained, r.model.revision
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
@@ -54,7 +58,7 @@ class PlainLoopRunner:
         else:
             self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", revision=revision)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=revision)
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(r.train.mixed_precision, torch.float32)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.weight_dtype = weight_dtype
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
