@@ -22,7 +22,7 @@ EVERYDAY = (
     'sdkit generate "photo of a dog"\n'
     "sdkit export --format mar"
 )
-MODEL_HELP = "Hub id, diffusers folder or training run folder (default: $SDKIT_MODEL, else the newest complete run in ./runs)."
+MODEL_HELP = "Hub id, diffusers folder, training run folder or one of its checkpoints (RUN/checkpoints/checkpoint-N) (default: $SDKIT_MODEL, else the newest complete run in ./runs)."
 
 
 def with_loop(summary: str) -> str:

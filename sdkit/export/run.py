@@ -41,6 +41,8 @@ def default_name(resolved) -> str:
     last part, made to pass check_name."""
     source = resolved.run_dir or resolved.base
     stem = Path(str(source).rstrip("/\\")).name
+    if resolved.checkpoint:  # RUN/checkpoints/checkpoint-N -> RUN-checkpoint-N
+        stem += "-" + Path(resolved.checkpoint).name
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "model"
 
 
@@ -182,7 +184,8 @@ def _export_safetensors(resolved, lora_ref: Optional[str], out_path: Path, *, na
     if out_path.suffix == SAFETENSORS_SUFFIX:
         raise UserError(f"--out: a diffusers export is a folder, not '{out_path.name}' (or add --single-file)")
     replace = refuse_existing(out_path, force)
-    card = Path(resolved.run_dir) / writer.MODEL_CARD if resolved.run_dir else None
+    # A run's model card describes its final result, not one of its checkpoints.
+    card = Path(resolved.run_dir) / writer.MODEL_CARD if resolved.run_dir and not resolved.checkpoint else None
     return writer.export_diffusers(resolved.base, out_path, dtype=dtype, lora=fused, lora_scale=lora_scale,
                                    force=replace, model_card=card)
 

@@ -1,8 +1,9 @@
-"""Where a model lives: hub id, local diffusers folder, or an sdkit run folder.
+"""Where a model lives: hub id, local diffusers folder, an sdkit run folder or one of its checkpoints.
 
 A run folder (it holds the `recipe.yaml` that `sdkit train` writes) is resolved to what it
-produced: the pipeline saved in it (full fine-tune) or its base model plus its LoRA file.
-No torch import here: the CLI calls this to fail fast on bad paths.
+produced: the pipeline saved in it (full fine-tune) or its base model plus its LoRA file. A
+checkpoint (RUN/checkpoints/checkpoint-N) is resolved the same way, to the model it stands for,
+built once by sdkit.training.checkpoint_model (the only case that imports torch here).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Optional
 
 from sdkit.errors import UserError, first_line, shorten
 from sdkit.recipe import check_local_ref
+from sdkit.training.checkpoints import STATE_FILE  # a checkpoint folder holds it (no torch at import)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RECIPE_FILE = "recipe.yaml"
@@ -27,6 +29,7 @@ class ResolvedModel:
     base: str  # hub id or local diffusers folder
     lora: Optional[str] = None  # a LoRA file or folder holding one
     run_dir: Optional[str] = None  # set when the model came from a training run
+    checkpoint: Optional[str] = None  # set when it came from one of the run's checkpoints
 
     @property
     def is_local(self) -> bool:
@@ -45,6 +48,8 @@ def resolve_model(ref: str, key: str = "--model") -> ResolvedModel:
         return ResolvedModel(base=ref)  # a hub id; loading reports if it is wrong
     if path.is_file():
         raise UserError(f"{key}: '{ref}' is a file; pass a diffusers model folder or a training run folder")
+    if (path / STATE_FILE).is_file():
+        return _resolve_checkpoint(path, key)
     if (path / "model_index.json").is_file():
         return ResolvedModel(base=str(path), run_dir=str(path) if is_run_dir(path) else None)
     if is_run_dir(path):
@@ -55,6 +60,22 @@ def resolve_model(ref: str, key: str = "--model") -> ResolvedModel:
             return ResolvedModel(base=recipe.model.pretrained, lora=str(path / LORA_FILE), run_dir=str(path))
         raise UserError(f"{key}: run folder '{ref}' holds no result yet (has training finished?)")
     raise UserError(f"{key}: '{ref}' is not a diffusers model folder (no model_index.json)")
+
+
+def _resolve_checkpoint(path: Path, key: str) -> ResolvedModel:
+    """A run's checkpoint: the model it stands for (a LoRA file on the run's base, or a pipeline)."""
+    from sdkit.training.checkpoint_model import checkpoint_model, is_checkpoint_dir, run_of
+
+    if not is_checkpoint_dir(path):
+        raise UserError(f"{key}: '{shorten(str(path))}' holds a {STATE_FILE} but is not named checkpoint-N")
+    run = run_of(path, key)
+    model = checkpoint_model(path, key)
+    if (model / LORA_FILE).is_file():
+        from sdkit.recipe import load_recipe
+
+        return ResolvedModel(base=load_recipe(run / RECIPE_FILE).model.pretrained, lora=str(model / LORA_FILE),
+                             run_dir=str(run), checkpoint=str(path))
+    return ResolvedModel(base=str(model), run_dir=str(run), checkpoint=str(path))
 
 
 def resolve_lora(ref: str, key: str = "--lora") -> str:
