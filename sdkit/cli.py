@@ -218,7 +218,7 @@ def export(
 @app.command()
 def ui(
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="A model to generate with; repeat for side-by-side columns."),
-    run: Optional[List[str]] = typer.Option(None, "--run", help="A training run folder, or a folder of runs, for the Runs tab."),
+    run: Optional[List[str]] = typer.Option(None, "--run", help="A training run folder, or a folder of runs: the Runs tab, and Generate compares its checkpoints."),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="SDXL refiner the page can switch on."),
     clip_model: Optional[str] = typer.Option(None, "--clip-model", help="Show each image's CLIP score (as sdkit eval)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),

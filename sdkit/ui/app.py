@@ -24,7 +24,7 @@ def quiet_gradio() -> None:
 
 def build_app(models: list[str], run_roots: list[str], *, cache, out: Path, refiner: Optional[str] = None,
               scorer_factory=None):
-    """The gr.Blocks page: Generate (when there are models) and Runs."""
+    """The gr.Blocks page: Generate (the models side by side, or a run's checkpoints) and Runs."""
     quiet_gradio()
     import gradio as gr
 
@@ -34,9 +34,9 @@ def build_app(models: list[str], run_roots: list[str], *, cache, out: Path, refi
     from sdkit.ui.runs_tab import build_runs_tab, show_run
 
     ctx = GenerateContext(models=models, labels=model_labels(models), cache=cache, out=out, refiner=refiner,
-                          scorer_factory=scorer_factory, stops=StopFlags())
+                          scorer_factory=scorer_factory, stops=StopFlags(), run_roots=list(run_roots))
     with gr.Blocks(title="sdkit", analytics_enabled=False) as page:
-        with gr.Tab("Generate", id="generate-tab", visible=bool(models)):
+        with gr.Tab("Generate", id="generate-tab", visible=bool(models or run_roots)):
             build_generate_tab(ctx)
         with gr.Tab("Runs", id="runs-tab"):
             run, outputs = build_runs_tab(run_roots)

@@ -21,6 +21,8 @@ SAMPLE_FILE_RE = re.compile(r"^(\d+)-(\d+)\.png$")
 CURVES = {"train/loss": "loss", "train/lr": "lr"}  # the trainer's TensorBoard tags -> curve names
 FIGURE_FILES = ("plan.json", "bench.json")
 MAX_SAMPLE_STEPS = 12  # the newest rows of the grid; a long run has hundreds
+MAX_RUN_COLUMNS = 6  # Generate's columns for one run: checkpoints spread over the run, then its result
+FINAL_LABEL = "final result"
 
 
 def find_runs(roots: list[str]) -> list[str]:
@@ -103,3 +105,29 @@ def read_figures(run_dir: str) -> Optional[dict]:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 found[name] = f"unreadable: {e}"
     return found or None
+
+
+def run_columns(run_dir: str, max_columns: int = MAX_RUN_COLUMNS) -> tuple[list[tuple[str, str]], str]:
+    """(model, label) of each column comparing a run's checkpoints, and a line saying what they are.
+
+    The models are what `sdkit generate --model` takes: each checkpoint folder (oldest first,
+    spread evenly over the run when more than fit) and the run folder itself for its result.
+    """
+    from sdkit.errors import UserError
+    from sdkit.inference.loading import resolve_model
+    from sdkit.training.checkpoints import CHECKPOINT_RE, list_checkpoints
+
+    checkpoints = list_checkpoints(Path(run_dir))
+    try:
+        resolve_model(run_dir)
+        final = [(str(run_dir), FINAL_LABEL)]
+    except UserError:  # still training: no result yet
+        final = []
+    room = max_columns - len(final)
+    shown = checkpoints
+    if len(checkpoints) > room:
+        shown = [checkpoints[round(i * (len(checkpoints) - 1) / (room - 1))] for i in range(room)] if room > 1 \
+            else checkpoints[-1:]
+    columns = [(str(c), f"step {int(CHECKPOINT_RE.match(c.name).group(1))}") for c in shown] + final
+    line = f"{run_dir}: {len(checkpoints)} checkpoints" + (f" (showing {len(shown)})" if len(shown) < len(checkpoints) else "")
+    return columns, line + (" + the final result" if final else ", no final result yet")

@@ -42,13 +42,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_sd, tmp_path_factory):
-    """A short LoRA training with TensorBoard logs and validation samples at steps 1 and 2."""
+    """A short LoRA training with TensorBoard logs, validation samples at steps 1, 2 and 3 and
+    checkpoints at steps 1 and 2."""
     from sdkit.quickstart import tiny
 
     root = tmp_path_factory.mktemp("ui_run")
     images = tiny.make_image_folder(root / "images", n=4, size=32, captions="metadata")
     recipe = write_recipe(root, tiny_sd, images, root / "runs" / "lora",
-                          train={"max_steps": 2, "batch_size": 2}, logging={"tensorboard": True, "every": 1},
+                          train={"max_steps": 3, "batch_size": 2, "checkpoint_every": 1},
+                          logging={"tensorboard": True, "every": 1},
                           validation={"prompts": ["a red square", "a blue circle"], "every": 1, "steps": 2})
     train_recipe(recipe)
     return root / "runs" / "lora"
@@ -58,11 +60,13 @@ def run_dir(tiny_sd, tmp_path_factory):
 def server(tiny_sd, tiny_sdxl, run_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui_server")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_TEMP_DIR": str(tmp / "gradio")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+           "SDKIT_CACHE": str(tmp / "cache")}  # where the checkpoints' models are built
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sdkit", "ui", "--model", str(tiny_sd), "--model", str(tiny_sdxl),
-         "--run", str(run_dir), "--host", "127.0.0.1", "--port", str(port), "--out", str(tmp / "out")],
+         "--run", str(run_dir), "--host", "127.0.0.1", "--port", str(port), "--out", str(tmp / "out"),
+         "--max-loaded", "8"],  # the two models and the run's columns stay loaded between clicks
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}/"
@@ -186,17 +190,58 @@ def test_progress_bar_and_stop_button(page):
 
 def test_runs_tab_shows_curves_and_sample_grid(page, run_dir, tmp_path):
     page.get_by_role("tab", name="Runs").click()
-    page.locator("#run-status").get_by_text("2 steps logged").wait_for(timeout=60_000)
+    page.locator("#run-status").get_by_text("3 steps logged").wait_for(timeout=60_000)
     # the loss curve is drawn (Vega renders into a canvas or svg), not printed
     page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=60_000)
     samples = page.locator("#samples img")
-    samples.nth(3).wait_for(timeout=60_000)
-    assert samples.count() == 4  # 2 validation steps x 2 prompts
+    samples.nth(5).wait_for(timeout=60_000)
+    assert samples.count() == 6  # 3 validation steps x 2 prompts
     assert "a blue circle" in page.locator("#samples").inner_text()
     assert "rank: 4" in page.locator("#recipe").inner_text()
     page.screenshot(path=str(tmp_path / "runs-tab.png"), full_page=True)
     # while a run trains, new samples appear without a click (the tab refreshes every few seconds)
-    shutil.copytree(run_dir / "samples" / "step-0000002", run_dir / "samples" / "step-0000003")
-    samples.nth(5).wait_for(timeout=30_000)
-    assert "step 3 · a red square" in page.locator("#samples").inner_text()
+    shutil.copytree(run_dir / "samples" / "step-0000003", run_dir / "samples" / "step-0000004")
+    samples.nth(7).wait_for(timeout=30_000)
+    assert "step 4 · a red square" in page.locator("#samples").inner_text()
+    assert page.outside == []
+
+
+def test_compare_checkpoints_of_a_run(page, run_dir, tmp_path, monkeypatch):
+    """Picking the run makes its checkpoints and final result the columns; each checkpoint's images
+    are `sdkit generate --model RUN/checkpoints/checkpoint-N`'s (the result's column is the run's, as in
+    the Generate test); a damaged one fails in its column."""
+    from sdkit.inference.generate import generate_command
+
+    monkeypatch.setenv("SDKIT_CACHE", str(tmp_path / "cache"))  # built again here, apart from the server's
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#compare input").click()
+    page.get_by_role("option", name=str(run_dir)).click()
+    page.locator("#label-2").get_by_text("final result").wait_for(timeout=30_000)
+    assert [page.locator(f"#label-{i}").inner_text().strip() for i in range(3)] == ["step 1", "step 2", "final result"]
+    assert not page.locator("#label-3").is_visible()  # one column per checkpoint, plus the result
+    page.locator("#prompt textarea").fill(PROMPT)
+    for name, value in (("seed", SETTINGS["seed"]), ("steps", SETTINGS["steps"]), ("guidance", SETTINGS["guidance"]),
+                        ("width", 0), ("num-images", 1)):
+        fill_number(page, name, value)
+    assert generate(page).startswith("done"), page.locator("#status").inner_text()
+    page.screenshot(path=str(tmp_path / "compare-checkpoints.png"), full_page=True)
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+    for i, model in enumerate(checkpoints):
+        served = served_png(page, i)
+        expected = generate_command(prompts=[PROMPT], model=str(model), out=tmp_path / f"cli-{i}", **SETTINGS)[0]
+        assert np.array_equal(pixels(served), pixels(Image.open(expected))), f"column {i} differs from sdkit generate"
+        assert served.text["model"] == str(model)
+        assert f"--model {model} " in page.locator(f"#command-{i} textarea").input_value()
+    # a checkpoint written while the page is open joins at the next click; a damaged one says why in its column
+    damaged = run_dir / "checkpoints" / "checkpoint-0000003"
+    shutil.copytree(checkpoints[-1], damaged)
+    try:
+        (damaged / "trainable_0.safetensors").write_bytes(b"not the recorded bytes")
+        assert generate(page).startswith("done")
+        assert page.locator("#label-2").inner_text().strip() == "step 3"
+        note = page.locator("#note-2").inner_text().strip()
+        assert note.startswith(f"error: --model: checkpoint {damaged} is damaged: trainable_0") and "\n" not in note
+        assert page.locator("#gallery-3 img").count() == 1  # the final result still generated
+    finally:
+        shutil.rmtree(damaged)
     assert page.outside == []

@@ -92,3 +92,24 @@ def test_clip_score_under_each_image_is_sdkit_evals(tiny_sd, tiny_clip, tmp_path
     assert [caption.split(" · ")[0] for _, caption in items] == ["seed 3", "seed 4"]
     _, expected = ClipScorer(str(tiny_clip), "cpu").score([Image.open(path) for path, _ in items], "a red circle")
     assert [caption.split(" · CLIP ")[1] for _, caption in items] == [f"{score:.2f}" for score in expected]
+
+
+def test_run_columns_spread_the_checkpoints_then_the_result(tmp_path):
+    from sdkit.ui.runs import run_columns
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text("model: {pretrained: base}\n")
+    for step in range(1, 11):
+        (run / "checkpoints" / f"checkpoint-{step:07d}").mkdir()
+        (run / "checkpoints" / f"checkpoint-{step:07d}" / "sdkit_state.json").write_text("{}")
+    (run / "checkpoints" / "checkpoint-0000011").mkdir()  # being written: no state file yet
+    columns, line = run_columns(str(run), max_columns=6)
+    assert [label for _, label in columns] == ["step 1", "step 3", "step 5", "step 6", "step 8", "step 10"]
+    assert columns[0][0] == str(run / "checkpoints" / "checkpoint-0000001")
+    assert line.endswith("10 checkpoints (showing 6), no final result yet")
+    (run / "model_index.json").write_text("{}")  # a full fine-tune's result
+    columns, line = run_columns(str(run), max_columns=3)
+    assert columns == [(str(run / "checkpoints" / "checkpoint-0000001"), "step 1"),
+                       (str(run / "checkpoints" / "checkpoint-0000010"), "step 10"), (str(run), "final result")]
+    assert line.endswith("+ the final result")
