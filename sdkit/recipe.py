@@ -106,6 +106,17 @@ class Recipe(_Section):
             return "shuffled tags change the captions every epoch (data.shuffle_caption=true)"
         return None
 
+    @property
+    def prior_preservation(self) -> bool:
+        """Some dataset has class images (DreamBooth prior preservation): every micro-batch
+        pairs its instance samples with as many class samples of the same bucket."""
+        return any(s.class_prompt for s in self.data.sources())
+
+    @property
+    def micro_batch_rows(self) -> int:
+        """Samples in one micro-batch: train.batch_size, doubled by the class samples."""
+        return self.train.batch_size * (2 if self.prior_preservation else 1)
+
     def bucket_step(self, family_step: int) -> int:
         """Step of the bucket sides: data.bucket_step, or the family's own (`Family.bucket_step`)."""
         return self.data.bucket_step or family_step

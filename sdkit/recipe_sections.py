@@ -83,6 +83,9 @@ class DatasetEntry(_Section):
     caption_dropout: Optional[float] = Field(None, ge=0.0, le=1.0, description="Caption dropout of this dataset.")
     repeats: Optional[int] = Field(None, ge=1, description="Times each image is seen per epoch.")
     max_samples: Optional[int] = Field(None, ge=1, description="Use only the first N samples of this dataset.")
+    class_prompt: Optional[str] = Field(None, description="Prior preservation: the caption of this dataset's class images.")
+    class_dir: Optional[str] = Field(None, description="Prior preservation: a folder of class images (generated ones go here too).")
+    num_class_images: Optional[int] = Field(None, ge=1, description="Prior preservation: class images to have; missing ones are generated.")
 
 
 SOURCE_KEYS = tuple(DatasetEntry.model_fields)  # what each entry of data.datasets may set
@@ -130,6 +133,17 @@ class DataConfig(_Section):
     max_aspect: float = Field(2.0, ge=1.0, description="Largest bucket aspect ratio (long side / short side).")
     min_side: Optional[int] = Field(None, ge=8, description="Smallest bucket side in pixels (default: no limit).")
     max_side: Optional[int] = Field(None, ge=8, description="Largest bucket side in pixels (default: resolution x max_aspect).")
+    class_prompt: Optional[str] = Field(
+        None, description="DreamBooth prior preservation: the caption of the class images (e.g. 'a photo of a dog')."
+    )
+    class_dir: Optional[str] = Field(
+        None, description="Folder of class images; generated ones are written here (default: RUN/class_images/N)."
+    )
+    num_class_images: Optional[int] = Field(
+        None, ge=1, description="Class images to have; the missing ones are generated with the base model before training."
+    )
+    class_steps: int = Field(30, ge=1, description="Sampler steps of each generated class image.")
+    class_guidance: float = Field(7.5, ge=0.0, description="Guidance scale of the generated class images.")
 
     @model_validator(mode="after")
     def _multiple_of_8(self):
@@ -137,6 +151,11 @@ class DataConfig(_Section):
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
         if self.min_side and self.max_side and self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
+        for source in self.sources():
+            if (source.class_dir or source.num_class_images) and not source.class_prompt:
+                raise ValueError(f"class_dir / num_class_images of dataset '{source.dataset}' need a class_prompt")
+            if source.class_prompt and not (source.class_dir or source.num_class_images):
+                raise ValueError(f"class_prompt of dataset '{source.dataset}' needs class_dir or num_class_images")
         if (self.dataset is None) == (not self.datasets):
             raise ValueError("set data.dataset or data.datasets (a list), not both" if self.dataset
                              else "set data.dataset (or data.datasets, a list)")
@@ -236,6 +255,9 @@ class TrainConfig(_Section):
     )
     ema_on_cpu: bool = Field(False, description="Keep the EMA on the CPU (saves 4 bytes a weight of GPU memory).")
     channels_last: bool = Field(False, description="channels_last memory format for the UNet.")
+    prior_loss_weight: float = Field(
+        1.0, ge=0.0, description="Weight of the prior-preservation loss on class images (data.class_prompt)."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -8,6 +8,13 @@ are shuffled by (seed, epoch) and rank r takes the r-th slice of each. So every 
 the same number of steps in every epoch (a rank with one batch more is the classic DDP hang),
 all ranks train the same bucket shape at each step, and the order depends on nothing but
 (seed, epoch): a resumed run skips the batches it already trained and goes on exactly.
+
+Class images (DreamBooth prior preservation, `prior`) do not count toward the epoch: each
+global batch of instance samples is followed by as many class samples of the SAME bucket
+(diffusers concatenates instance and class examples in one batch), so a micro-batch holds
+batch_size instance + batch_size class samples of one size. A bucket's class images are taken
+in a fixed order per (seed, bucket), continuing from epoch to epoch, so all of them are seen
+before any repeats. A bucket without class images trains its batches without them.
 """
 
 from __future__ import annotations
@@ -26,16 +33,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """A batch sampler (DataLoader's `batch_sampler`) yielding THIS rank's micro-batches of keys."""
 
     def __init__(self, bucket_ids: list[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 repeats: Optional[list[int]] = None, shuffle: bool = True):
-        if not bucket_ids:
-            raise ValueError("BucketBatchSampler needs at least one sample")
+                 repeats: Optional[list[int]] = None, shuffle: bool = True, prior: Optional[list[bool]] = None):
+        prior = prior or [False] * len(bucket_ids)
+        if not bucket_ids or all(prior):
+            raise ValueError("BucketBatchSampler needs at least one (instance) sample")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.batch_size, self.seed, self.rank, self.world_size, self.shuffle = batch_size, seed, rank, world_size, shuffle
         repeats = repeats or [1] * len(bucket_ids)
         self.members: dict[int, list[tuple[int, int]]] = {}
-        for index, (bucket, times) in enumerate(zip(bucket_ids, repeats)):
-            self.members.setdefault(bucket, []).extend((index, copy) for copy in range(times))
+        self.class_members: dict[int, list[int]] = {}  # class images by bucket
+        for index, (bucket, times, is_class) in enumerate(zip(bucket_ids, repeats, prior)):
+            if is_class:
+                self.class_members.setdefault(bucket, []).append(index)
+            else:
+                self.members.setdefault(bucket, []).extend((index, copy) for copy in range(times))
         self.epoch, self.start_batch = 0, 0
 
     @property
@@ -45,6 +57,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def batches_in_bucket(self) -> dict[int, int]:
         """Micro-batches per epoch of each bucket, on every rank."""
         return {b: max(1, len(m) // self.global_batch) for b, m in self.members.items()}
+
+    def samples_per_epoch(self) -> int:
+        """Instance samples per epoch over all ranks (repeats and cycling counted)."""
+        return self.batches_per_epoch() * self.global_batch
 
     def batches_per_epoch(self) -> int:
         return sum(self.batches_in_bucket().values())
@@ -69,13 +85,26 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             order = [items[i] for i in self._permutation(len(items), epoch, bucket)]
             count = self.batches_in_bucket()[bucket]
             order = (order * -(-count * g // len(order)))[: count * g]
-            out += [[(i, epoch, c) for i, c in order[k * g:(k + 1) * g]] for k in range(count)]
+            classes = self._class_keys(bucket, epoch, count * g)
+            out += [[(i, epoch, c) for i, c in order[k * g:(k + 1) * g]] + classes[k * g:(k + 1) * g]
+                    for k in range(count)]
         return [out[i] for i in self._permutation(len(out), epoch, -1)]
+
+    def _class_keys(self, bucket: int, epoch: int, n: int) -> list[Key]:
+        """The `n` class samples of `bucket` in `epoch` (none when it has no class images):
+        a fixed order per (seed, bucket), epoch e starting where epoch e-1 stopped."""
+        members = self.class_members.get(bucket)
+        if not members:
+            return []
+        order = [members[i] for i in self._permutation(len(members), bucket, -2)]
+        start = epoch * n
+        return [(order[(start + j) % len(order)], epoch, (start + j) // len(order)) for j in range(n)]
 
     def epoch_batches(self, epoch: int) -> list[list[Key]]:
         """This rank's micro-batches of `epoch`, in order (none skipped)."""
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        return [batch[lo:hi] for batch in self.global_batches(epoch)]
+        g, lo, hi = self.global_batch, self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        # instance samples first, then the class samples (if any) at the same positions
+        return [batch[lo:hi] + batch[g + lo:g + hi] for batch in self.global_batches(epoch)]
 
     def __iter__(self) -> Iterator[list[Key]]:
         return iter(self.epoch_batches(self.epoch)[self.start_batch:])

@@ -102,13 +102,23 @@ def bucket_counts(placements: list[Placement]) -> Counter:
     return Counter(p.bucket for p in placements)
 
 
-def table(placements: list[Placement], batches: dict[Size, int]) -> str:
-    """The dry-run table: bucket, images, batches per epoch (this rank)."""
+def table(placements: list[Placement], batches: dict[Size, int], classes: Optional[Counter] = None) -> str:
+    """The dry-run table: bucket, images, batches per epoch (this rank), and with prior
+    preservation the class images of each bucket (`classes`)."""
     counts = bucket_counts(placements)
-    lines = [f"{'bucket':>11}  {'images':>6}  {'batches':>7}"]
-    for (w, h), n in sorted(counts.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0][0])):
-        lines.append(f"{f'{w}x{h}':>11}  {n:>6}  {batches.get((w, h), 0):>7}")
+    head = f"{'bucket':>11}  {'images':>6}  {'batches':>7}"
+    lines = [head + (f"  {'class images':>12}" if classes is not None else "")]
+    sizes = set(counts) | set(classes or ())
+    for w, h in sorted(sizes, key=lambda s: (s[0] / s[1], s[0])):
+        row = f"{f'{w}x{h}':>11}  {counts.get((w, h), 0):>6}  {batches.get((w, h), 0):>7}"
+        lines.append(row + (f"  {classes.get((w, h), 0):>12}" if classes is not None else ""))
     return "\n".join(lines)
+
+
+def largest_bucket(cfg, step: int) -> Size:
+    """The bucket of the most pixels (the widest of equals) a run's data config can train at:
+    the one `sdkit plan` estimates memory at. The square `resolution` when buckets are off."""
+    return max(run_buckets(cfg, step), key=lambda s: (s[0] * s[1], s[0]))
 
 
 def write_buckets_json(path: Path, names: list[str], placements: list[Placement]) -> Path:

@@ -118,6 +118,7 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
         compute_dtype=adapter.compute_dtype(dtype), resolution=recipe.data.resolution,
         accumulation=recipe.train.gradient_accumulation, max_grad_norm=recipe.global_clip_norm,
         ema=ema, trains_text=recipe.method.train_text_encoder, compile_guard=guard,
+        prior_loss_weight=recipe.train.prior_loss_weight if recipe.prior_preservation else None,
         full_parameters=partial(full_parameters, accelerator),
     )
 
@@ -146,11 +147,11 @@ def build_data(recipe, family, family_name: str, dtype, accelerator, *, log: Cal
     dataset, sampler = plan_data(recipe, family_name, log=log, rank=acc.process_index, world_size=acc.num_processes,
                                  progress=acc.is_main_process)
     if acc.is_main_process and recipe.data.buckets:
-        from sdkit.training.buckets import table, write_buckets_json
+        from sdkit.training.buckets import write_buckets_json
 
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         write_buckets_json(Path(recipe.output_dir) / "buckets.json", [r.name for r in dataset.records], dataset.placements())
-        log(table(dataset.placements(), bucket_batches(dataset, sampler)))
+        log(bucket_table(dataset, sampler))
     collate_fn, cached, build_s = collate, False, 0.0
     if recipe.data.cache:
         reason = recipe.cache_blocker()
@@ -173,23 +174,47 @@ def plan_data(recipe, family_name: str, *, log: Callable = print, rank: int = 0,
     from sdkit.families import family_class
     from sdkit.training.batches import BucketBatchSampler
     from sdkit.training.buckets import run_buckets
+    from sdkit.training.class_images import with_class_records
     from sdkit.training.data import load_records
     from sdkit.training.samples import TrainDataset
 
     records = load_records(recipe.data, log=log, progress=progress)
     buckets = run_buckets(recipe.data, recipe.bucket_step(family_class(family_name).bucket_step))
+    records, class_sets = with_class_records(recipe, records, buckets, log=log)
     dataset = TrainDataset(records, recipe.data, seed=recipe.train.seed, buckets=buckets)
+    dataset.class_sets = class_sets
     sampler = BucketBatchSampler(dataset.bucket_ids(), recipe.train.batch_size, seed=recipe.train.seed,
-                                 rank=rank, world_size=world_size, repeats=[r.repeats for r in records])
+                                 rank=rank, world_size=world_size, repeats=[r.repeats for r in records],
+                                 prior=[r.prior for r in records])
     return dataset, sampler
 
 
 def bucket_report(recipe, family_name: str, processes: int = 1) -> str:
     """The dry run's bucket table (bucket, images, batches per epoch on each process)."""
-    from sdkit.training.buckets import table
-
     dataset, sampler = plan_data(recipe, family_name, world_size=processes, progress=False)
-    return table(dataset.placements(), bucket_batches(dataset, sampler))
+    return bucket_table(dataset, sampler)
+
+
+def bucket_table(dataset, sampler) -> str:
+    """The bucket table of a run's data: instance images and batches of each bucket, and with
+    prior preservation its class images (those still to be generated included) and a summary."""
+    from collections import Counter
+
+    from sdkit.training.buckets import table
+    from sdkit.training.class_images import report
+
+    prior = [r.prior for r in dataset.records]
+    placements = dataset.placements()
+    instance = [p for p, is_class in zip(placements, prior) if not is_class]
+    if not dataset.class_sets:
+        return table(instance, bucket_batches(dataset, sampler))
+    classes = Counter(p.bucket for p, is_class in zip(placements, prior) if is_class)
+    classes.update(size for s in dataset.class_sets for _, size in s.todo)
+    batches = bucket_batches(dataset, sampler)
+    paired = sum(n * sampler.global_batch for size, n in batches.items() if classes.get(size))
+    return "\n".join([*report(dataset.class_sets), table(instance, batches, classes),
+                      f"samples per epoch: {sampler.samples_per_epoch()} instance + {paired} class "
+                      f"(each instance sample paired with a class image of its bucket)"])
 
 
 def bucket_batches(dataset, sampler) -> dict:

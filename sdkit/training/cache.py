@@ -161,6 +161,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "original_size": stored["original_size"],
             "crop_top_left": stored["crop_top_left"],
             "target_size": stored["target_size"],
+            "prior": torch.tensor(self.dataset.records[index].prior),
             "index": index,
             "flip": flip,
             "drop_caption": bool(variant.drop_caption),
@@ -175,6 +176,7 @@ def collate_cached(items: list[dict]) -> dict:
         "original_size": torch.stack([it["original_size"] for it in items]),
         "crop_top_left": torch.stack([it["crop_top_left"] for it in items]),
         "target_size": torch.stack([it["target_size"] for it in items]),
+        "prior": torch.stack([it["prior"] for it in items]),
     }
     for key in ("index", "flip", "drop_caption", "caption"):
         batch[key] = [it[key] for it in items]

@@ -54,6 +54,8 @@ class Record:
     size: Optional[tuple[int, int]] = None  # (width, height) as loaded, once measured
     repeats: int = 1  # times seen per epoch
     dropout: Optional[float] = None  # caption dropout of its dataset (None: data.caption_dropout)
+    source: int = 0  # which dataset of the run (index into sources.expand_sources)
+    prior: bool = False  # a class image (DreamBooth prior preservation), not an instance image
 
     def image_size(self) -> tuple[int, int]:
         """(width, height) after EXIF rotation; local files are measured by the scan, hub rows here."""
@@ -167,11 +169,11 @@ def load_records(cfg: DataConfig, *, log: Log = print, progress: bool = True) ->
 
     sources = expand_sources(cfg)
     records: list[Record] = []
-    for source in sources:
+    for number, source in enumerate(sources):
         found = load_source(source, log=log, progress=progress)
         label = f"{Path(source.dataset).name}/" if len(sources) > 1 else ""
         records += [replace(r, name=label + r.name, caption=with_prefix(source.caption_prefix, r.caption),
-                            repeats=source.repeats, dropout=source.caption_dropout) for r in found]
+                            repeats=source.repeats, dropout=source.caption_dropout, source=number) for r in found]
     return records
 
 

@@ -26,7 +26,41 @@ def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-class DDPMObjective:
+class _WeightedMSE:
+    """The loss both objectives share: the per-sample weighted MSE between prediction and target.
+
+    With DreamBooth prior preservation a micro-batch holds instance and class samples (`prior`
+    marks the class ones); the loss is the instance loss plus `prior_weight` x the prior loss,
+    each the weighted mean over its own samples, as diffusers' train_dreambooth_lora*.py
+    computes it (there the instance half comes first; here any order works). The per-sample
+    weights (min-SNR, SD3's weighting) apply to both, as in diffusers' SD3 script."""
+
+    def loss(self, pred: torch.Tensor, batch: NoisyBatch, prior=None, prior_weight: float = 1.0) -> torch.Tensor:
+        return combine(self.loss_terms(pred, batch, prior), prior_weight)
+
+    def loss_terms(self, pred: torch.Tensor, batch: NoisyBatch, prior=None) -> dict[str, torch.Tensor]:
+        """{"instance": ..., "prior": ...} (prior only when `prior` is given; 0 for a batch without class samples)."""
+        per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+        weighted = per_sample * batch.weights
+        if prior is None:
+            return {"instance": weighted.mean()}
+        prior = prior.to(weighted.device, torch.bool)
+        return {"instance": _masked_mean(weighted, ~prior), "prior": _masked_mean(weighted, prior)}
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # a sum over no samples is 0 (a bucket without class images): no NaN in the loss
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def combine(terms: dict[str, torch.Tensor], prior_weight: float) -> torch.Tensor:
+    """The training loss from its terms: instance + prior_weight x prior."""
+    if "prior" not in terms:
+        return terms["instance"]
+    return terms["instance"] + prior_weight * terms["prior"]
+
+
+class DDPMObjective(_WeightedMSE):
     def __init__(self, scheduler_config: dict, train_cfg):
         from diffusers import DDPMScheduler
 
@@ -65,12 +99,9 @@ class DDPMObjective:
             return clipped / (snr + 1.0)
         return clipped / snr
 
-    def loss(self, pred: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
-        per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * batch.weights).mean()
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(_WeightedMSE):
     """x_t = (1 - s) x_0 + s * noise; the model predicts noise - x_0 (SD3)."""
 
     def __init__(self, scheduler_config: dict, train_cfg):
@@ -109,9 +140,6 @@ class FlowMatchingObjective:
             return 2 / (torch.pi * bot)
         return torch.ones_like(sigma)
 
-    def loss(self, pred: torch.Tensor, batch: NoisyBatch) -> torch.Tensor:
-        per_sample = F.mse_loss(pred.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * batch.weights).mean()
 
 
 def make_objective(kind: str, scheduler_config: dict, train_cfg):

@@ -75,6 +75,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.buckets = list(buckets or square_buckets(cfg.resolution))
         self._placements: dict[int, Placement] = {}
+        self.class_sets: list = []  # sdkit.training.class_images.ClassSet, with prior preservation
 
     def __len__(self) -> int:
         return len(self.records)
@@ -120,6 +121,7 @@ class TrainDataset(torch.utils.data.Dataset):
             "original_size": torch.tensor((image.height, image.width), dtype=torch.long),
             "crop_top_left": torch.tensor(top_left, dtype=torch.long),
             "target_size": torch.tensor((placement.bucket[1], placement.bucket[0]), dtype=torch.long),
+            "prior": torch.tensor(record.prior),
             "index": index,
             "flip": variant.flip,
             "drop_caption": variant.drop_caption,

@@ -48,14 +48,20 @@ class TrainStep:
     ema: Any = None
     trains_text: bool = False  # the text encoders are among `modules`
     compile_guard: Any = None  # sdkit.training.compiled.CompileGuard when the denoiser is compiled
+    # DreamBooth prior preservation: the weight of the class samples' loss (None: no class samples)
+    prior_loss_weight: Optional[float] = None
     # full_parameters(prepared) -> context giving the unwrapped module with full weights
     # (ZeRO-3/FSDP gather them); the EMA reads through it. Default: unwrap_model.
     full_parameters: Optional[Callable] = field(default=None, repr=False)
     phase: Callable[[str], Any] = field(default=no_phase, repr=False)
+    # with class samples, the loss terms of the last step ("instance", "prior": device tensors,
+    # mean over its micro-batches); the trainer logs them at its log interval
+    terms: dict = field(default_factory=dict, repr=False)
+    _micro_terms: dict = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, batches: Iterator[dict], step_number: int):
         """One optimizer step over `accumulation` micro-batches; `step_number` counts from 1."""
-        total = None
+        total, terms = None, {}
         acc = self.accelerator
         if getattr(acc, "gradient_accumulation_steps", self.accumulation) != self.accumulation:
             # accelerate keeps ONE accumulation setting per process; runs that share a process
@@ -74,8 +80,11 @@ class TrainStep:
                     acc.backward(loss)
             loss = loss.detach()
             total = loss if total is None else total + loss
+            for name, value in self._micro_terms.items():
+                terms[name] = value if name not in terms else terms[name] + value
         with self.phase("optimizer"):
             self.optimizer_step(step_number)
+        self.terms = {name: value / self.accumulation for name, value in terms.items()}
         return total / self.accumulation
 
     def compute_loss(self, batch: dict):
@@ -96,7 +105,12 @@ class TrainStep:
                 text = family.encode_text(batch["caption"])
             cond = family.conditioning({k: v.to(dtype) for k, v in text.items()}, batch, self.resolution)
             pred = family.predict(self.modules[0], noisy.noisy.to(dtype), noisy.timesteps, cond)
-        return self.objective.loss(pred, noisy)
+        from sdkit.training.objectives import combine
+
+        prior = batch.get("prior") if self.prior_loss_weight is not None else None
+        terms = self.objective.loss_terms(pred, noisy, prior)
+        self._micro_terms = {name: value.detach() for name, value in terms.items()} if prior is not None else {}
+        return combine(terms, self.prior_loss_weight or 0.0)
 
     def _encode(self, batch: dict):
         """Posterior moments and text embeddings: from the batch (cache) or the frozen encoders.

@@ -51,6 +51,8 @@ class Trainer:
         self.accelerator = None
         self.loss_history: list[float] = []  # this rank's loss per optimizer step
         self.last_loss = None
+        # the last logged means over all ranks: loss, and with class images loss_instance, loss_prior
+        self.logged: dict[str, float] = {}
 
     def fit(self) -> Path:
         try:
@@ -118,6 +120,10 @@ class Trainer:
         self.weight_dtype = dtype = build.weight_dtype(self.precision)
         self.log(f"loading {self.family_name} model [bold]{r.model.pretrained}[/]")
         self.family = build.load_family(r, self.family_name, dtype)
+        if r.prior_preservation:  # with the base model's weights: before the adapter attaches
+            from sdkit.training.class_images import prepare_class_images
+
+            prepare_class_images(r, self.family, self.family_name, acc, log=self.log)
         modules = build.prepare_modules(self.family, self.adapter, r)
         build.move_frozen(self.family, acc.device)
         self.data = build.build_data(r, self.family, self.family_name, dtype, acc, log=self.log,
@@ -155,7 +161,7 @@ class Trainer:
         with progress_bar(self.console, self.accelerator.is_main_process) as bar:
             task = bar.add_task("training", total=self.total_steps, completed=st.step, loss="", lr="")
             while st.step < self.total_steps:
-                pending.append(self.step(batches, st.step + 1))
+                pending.append({"loss": self.step(batches, st.step + 1), **self.step.terms})
                 st.step += 1
                 if st.step % r.logging.every == 0 or st.step == self.total_steps:
                     self._log_window(pending, bar, task, (st.step - first_step) / max(time.perf_counter() - started, 1e-9))
@@ -172,13 +178,18 @@ class Trainer:
         import torch
 
         acc = self.accelerator
-        losses = torch.stack(pending).float()
+        losses = torch.stack([p["loss"] for p in pending]).float()
         self.loss_history += losses.cpu().tolist()
         self.last_loss = self.loss_history[-1]
         lr = self.step.lr_scheduler.get_last_lr()[0]
         bar.update(task, completed=self.state.step, loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}")
-        mean = acc.reduce(losses.mean().to(acc.device), reduction="mean").item()
-        acc.log({"train/loss": mean, "train/lr": lr, "train/steps_per_s": rate}, step=self.state.step)
+        # the loss, and with class images its terms (train/loss_instance, train/loss_prior)
+        keys = list(pending[0])
+        means = torch.stack([torch.stack([p[k] for p in pending]).float().mean() for k in keys])
+        means = acc.reduce(means.to(acc.device), reduction="mean").cpu().tolist()
+        self.logged = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in zip(keys, means)}
+        acc.log({**{f"train/{k}": v for k, v in self.logged.items()}, "train/lr": lr, "train/steps_per_s": rate},
+                step=self.state.step)
 
     def save_checkpoint(self) -> Path:
         with averaged_weights(self.step.optimizer):  # both runs of a resume switch alike: exact
