@@ -206,12 +206,14 @@ class Family:
         raise NotImplementedError
 
     @classmethod
-    def example_extras(cls, batch: int, resolution: int) -> dict[str, "torch.Tensor"]:
+    def example_extras(cls, batch: int, resolution) -> dict[str, "torch.Tensor"]:
         """Per-image values besides pixels and captions that `conditioning` reads from a batch:
-        original (h, w), crop (top, left) and the bucket's (h, w) as the target size."""
+        original (h, w), crop (top, left) and the bucket's (h, w) as the target size.
+        `resolution`: a square's side, or a bucket's (width, height)."""
         import torch
 
-        sizes = torch.full((batch, 2), resolution, dtype=torch.long)
+        width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+        sizes = torch.tensor([[height, width]], dtype=torch.long).repeat(batch, 1)
         return {"original_size": sizes, "crop_top_left": torch.zeros(batch, 2, dtype=torch.long),
                 "target_size": sizes.clone()}
 

@@ -81,6 +81,7 @@ class Estimate:
     trace: object  # plan_trace.TraceResult
     encoders: dict[str, int]  # frozen encoders' bytes when on the GPU
     cached: bool  # training reads the latent cache: encoders on the GPU only while sampling
+    bucket: tuple = (0, 0)  # (width, height) the step was traced at (plan_bucket)
 
     def _encoders_in(self, phase: str) -> int:
         return 0 if (self.cached and phase != "validation") else sum(self.encoders.values())
@@ -197,12 +198,13 @@ def with_changes(recipe, **changes):
 
 def estimate(recipe, model=None, **changes) -> Estimate:
     """Trace one step of `recipe` (with optional dotted-key changes, see with_changes)."""
-    from sdkit.plan.trace import trace_training_step
+    from sdkit.plan.trace import plan_bucket, trace_training_step
 
     model = model or model_spec(recipe)
     recipe = with_changes(recipe, **changes) if changes else recipe
     trace = trace_training_step(recipe, model)
-    return Estimate(recipe, model, trace, frozen_encoder_bytes(recipe, model), cached=recipe.cache_used)
+    return Estimate(recipe, model, trace, frozen_encoder_bytes(recipe, model), cached=recipe.cache_used,
+                    bucket=plan_bucket(recipe, model))
 
 
 def _numbers(est: Estimate) -> dict:
@@ -220,6 +222,7 @@ def _numbers(est: Estimate) -> dict:
         "breakdown_gib": {k: _gib(v) for k, v in est.breakdown().items()},
         "encoders_gib": {k: _gib(v) for k, v in est.encoders.items()},
         "latent_cache": est.cached,
+        "bucket": list(est.bucket),  # (width, height) the step was traced at: the largest bucket
         "denoiser_params": tr.total_params,
         "trainable_params": tr.trainable_params,
         "trace_seconds": round(tr.seconds, 1),

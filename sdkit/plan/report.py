@@ -141,13 +141,24 @@ def _print_settings(console, est: Estimate, n: dict) -> None:
     method = "full fine-tune" if r.method.type == "full" else f"{title} rank {r.method.rank}"
     accum = f" x {t.gradient_accumulation} accumulated" if t.gradient_accumulation > 1 else ""
     console.print(
-        f"{method}, {r.data.resolution} px, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "
+        f"{method}, {_size(est)}, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "
         f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}, {r.optim.name}, "
         f"EMA {'on' if r.ema_applies else 'off'}{' (CPU)' if r.ema_applies and t.ema_on_cpu else ''}, "
         f"latent cache {'on' if est.cached else 'off'}"
         + (f", {t.weights_dtype} weights" if t.weights_dtype != "fp32" else "")
         + (", fused backward" if r.optim.fused_backward else "")
     )
+
+
+def _size(est: Estimate) -> str:
+    """The traced size: the resolution, and the largest bucket when buckets are on."""
+    r, (width, height) = est.recipe, est.bucket
+    size = f"{r.data.resolution} px"
+    if r.data.buckets:
+        size += f" (at its largest bucket {width}x{height})"
+    if r.prior_preservation:
+        size += f", {r.train.batch_size} class images beside each batch"
+    return size
 
 
 def _print_knobs(console, singles, combo, n: dict, gpu: str) -> None:

@@ -190,17 +190,30 @@ def _materialize(module: nn.Module, fake: bool) -> None:
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
 
 
+def plan_bucket(recipe, model) -> tuple[int, int]:
+    """(width, height) the step is traced at: the run's largest bucket (sdkit.training.buckets),
+    the square data.resolution when buckets are off."""
+    from sdkit.families import family_class
+    from sdkit.training.buckets import largest_bucket
+
+    return largest_bucket(recipe.data, recipe.bucket_step(family_class(model.family).bucket_step))
+
+
 def _example_batch(recipe, family, model, dtype, vae_dtype) -> dict:
-    """A batch as the trainer's loader gives it: posterior moments from the cache, or pixels."""
-    b, res = recipe.train.batch_size, recipe.data.resolution
+    """A batch as the trainer's loader gives it at the largest bucket: posterior moments from
+    the cache, or pixels; with prior preservation batch_size instance + batch_size class samples."""
+    b = recipe.micro_batch_rows
+    width, height = plan_bucket(recipe, model)
     config = model.denoiser.config
-    batch = {**family.example_extras(b, res), "caption": [""] * b}
+    batch = {**family.example_extras(b, (width, height)), "caption": [""] * b}
+    if recipe.prior_preservation:
+        batch["prior"] = torch.arange(b) >= recipe.train.batch_size
     if recipe.cache_used:
-        side = res // vae_scale_factor(vae_config_of(recipe, model))
+        factor = vae_scale_factor(vae_config_of(recipe, model))
         channels = config.get("in_channels", family.latent_channels)
-        batch["moments"] = torch.zeros(b, 2 * channels, side, side, dtype=dtype)
+        batch["moments"] = torch.zeros(b, 2 * channels, height // factor, width // factor, dtype=dtype)
     else:
-        batch["pixel_values"] = torch.zeros(b, 3, res, res, dtype=vae_dtype)
+        batch["pixel_values"] = torch.zeros(b, 3, height, width, dtype=vae_dtype)
     if not recipe.method.train_text_encoder:
         batch["text"] = family.example_text(b, config, dtype)
     return batch
