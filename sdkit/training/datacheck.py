@@ -2,7 +2,8 @@
 
 Per dataset: images, captions found and missing, unreadable files (named), a histogram of
 image sizes, images smaller than their bucket (they are upscaled), and samples per epoch with
-its repeats; then the bucket table of the whole run. A dataset left empty after its
+its repeats; then the bucket table of the whole run (with prior preservation: the class images
+found and still to generate, and the class samples per epoch). A dataset left empty after its
 unreadable files are skipped stops with one line (exit 2), as training would.
 """
 
@@ -49,6 +50,7 @@ def check_data(recipe, processes: int = 1) -> str:
             f"  smaller than their bucket (upscaled): {upscaled}",
             *(f"  {note}" for note in notes),
         ]
-    lines.append(f"samples per epoch: {total}")
+    # with class images, the bucket report adds the class samples paired with these
+    lines.append(f"{'instance ' if recipe.prior_preservation else ''}samples per epoch: {total}")
     lines.append(bucket_report(recipe, family_name, processes))
     return "\n".join(lines)

@@ -46,6 +46,23 @@ def test_each_batch_is_paired_with_class_samples_of_its_bucket_and_resumes_exact
     assert list(again) == samplers[1].epoch_batches(2)[1:]
 
 
+def test_class_keys_need_each_other():
+    from pydantic import ValidationError
+
+    from sdkit.errors import UserError
+    from sdkit.recipe import recipe_from_dict
+
+    def recipe(**data):
+        return recipe_from_dict({"model": {"pretrained": "m"}, "data": {"dataset": "d", **data},
+                                 "train": {"max_steps": 1}, "output_dir": "out"})
+
+    assert recipe(class_prompt="a dog", num_class_images=2).prior_preservation
+    assert not recipe().prior_preservation
+    for bad in ({"num_class_images": 2}, {"class_prompt": "a dog"}):
+        with pytest.raises((ValidationError, UserError), match="class"):
+            recipe(**bad)
+
+
 def test_loss_is_instance_loss_plus_weighted_prior_loss_as_diffusers_computes_it():
     from sdkit.recipe_sections import TrainConfig
     from sdkit.training.objectives import NoisyBatch, combine
@@ -69,7 +86,7 @@ def test_loss_is_instance_loss_plus_weighted_prior_loss_as_diffusers_computes_it
 def dog_recipe(tmp_path, tiny_sd, image_folder):
     def make(name, **data):
         return write_recipe(tmp_path, tiny_sd, {"dataset": str(image_folder), **data}, tmp_path / name,
-                            train={"max_steps": 4, "batch_size": 2})
+                            train={"max_steps": 2, "batch_size": 2})
     return make
 
 
@@ -78,12 +95,13 @@ def test_class_images_are_generated_once_and_the_prior_loss_trains(tmp_path, dog
 
     from sdkit.recipe import load_recipe
     from sdkit.training.build import bucket_report
+    from sdkit.training.datacheck import check_data
     from sdkit.training.trainer import Trainer
 
     classes = tmp_path / "class"
     keys = {"class_prompt": "a photo of a dog", "class_dir": str(classes), "num_class_images": 3, "class_steps": 2}
     recipe = load_recipe(dog_recipe("prior", **keys))
-    before = bucket_report(recipe, "sd")
+    before = check_data(recipe)  # what `sdkit data check` and the dry run print
     assert "0 found, 3 to generate" in before and "samples per epoch: 4 instance + 4 class" in before
 
     prior = Trainer(recipe)
