@@ -106,6 +106,7 @@ def prepare_class_images(recipe, family, family_name: str, accelerator, log: Cal
     buckets = run_buckets(recipe.data, recipe.bucket_step(family_class(family_name).bucket_step))
     sets = plan_class_images(recipe, load_records(recipe.data, log=lambda _: None, progress=False), buckets)
     todo = [(s, k, size) for s in sets for k, size in s.todo]
+    acc.wait_for_everyone()  # every rank plans before any writes: the shards split one and the same list
     mine = shard(todo, acc.process_index, acc.num_processes)
     if todo:
         log(f"class images: generating {len(todo)} with the base model ({len(mine)} on this process)")

@@ -86,7 +86,7 @@ def launch_or_run(recipe: Recipe, recipe_path: Path, overrides: list[str], confi
             print("\n".join(describe_engine(engine)))
             if needs_launch(config, processes):
                 print("launch: " + " ".join(launch_command(recipe_path, overrides, config_path, engine.per_machine)))
-        if recipe.data.buckets:
+        if recipe.data.buckets or recipe.prior_preservation:  # the bucket table counts class images
             from sdkit.families import resolve_family_name
             from sdkit.training.build import bucket_report
 
