@@ -256,6 +256,7 @@ def serve(
     max_size: int = typer.Option(1024, "--max-size", help="Cap on width/height per request."),
     max_batch: int = typer.Option(4, "--max-batch", help="Cap on images per request."),
     image_format: str = typer.Option("png", "--image-format", help="Default answer: png, uint8 or uint8-hwc."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser before the warm-up request."),
 ):
     """Serve a model over KServe's v1/v2 REST protocol (KServe's own Python model server, no Kubernetes)."""
     from sdkit.export.serve_settings import ServeSettings
@@ -263,7 +264,7 @@ def serve(
     from sdkit.serve.server import serve_command
 
     serve_command(use_model(model).ref, lora=lora, refiner=refiner, name=name, host=host, port=port, workers=workers,
-                  max_steps=max_steps, max_size=max_size, max_batch=max_batch,
+                  max_steps=max_steps, max_size=max_size, max_batch=max_batch, compile=compile,
                   settings=ServeSettings(image_format=image_format))
 
 

@@ -70,12 +70,14 @@ class Recipe(_Section):
 
     def compiles(self, device_type: str) -> bool:
         """Whether the denoiser is compiled on a `device_type` ("cuda", "cpu", "mps") accelerator.
-        auto: on CUDA and CPU (inductor) for runs long enough to win the compile time back."""
+        auto: on CUDA, for runs long enough to win the compile time back. Not on a CPU, where
+        inductor's C++ compile of a whole UNet takes many minutes on a few cores (see
+        COMPILE_AUTO_MIN_STEPS) and a run rarely lasts long enough to win them back."""
         setting = self.train.compile
         if setting != "auto":
             return bool(setting)
         long_run = self.train.max_steps is None or self.train.max_steps >= COMPILE_AUTO_MIN_STEPS
-        return device_type in ("cuda", "cpu") and long_run
+        return device_type == "cuda" and long_run
 
     @property
     def global_clip_norm(self) -> Optional[float]:

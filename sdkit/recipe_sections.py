@@ -247,7 +247,7 @@ class TrainConfig(_Section):
     allow_tf32: bool = Field(True, description="TF32 matmuls on Ampere and newer GPUs.")
     compile: Literal["auto", True, False] = Field(
         "auto", description=f"torch.compile the denoiser; auto: for runs of {COMPILE_AUTO_MIN_STEPS}+ steps on "
-        "CUDA or CPU (one warning and eager training if compiling fails)."
+        "CUDA (true also compiles on a CPU; one warning and eager training if compiling fails)."
     )
     weights_dtype: Literal["fp32", "bf16"] = Field(
         "fp32", description="dtype of the trained weights; bf16 halves weights and gradients and rounds each update "

@@ -74,8 +74,9 @@ class DiffusionService:
         model_dir = props.get("model_dir") or os.getcwd()
         self.load(model_dir, read_serve_config(model_dir), props.get("gpu_id"))
 
-    def load(self, model_dir: str, config: dict, gpu_id=None) -> None:
-        """Load what `config` (sdkit_serve.json's fields; paths relative to model_dir) names; `sdkit serve` calls this."""
+    def load(self, model_dir: str, config: dict, gpu_id=None, prepare=None) -> None:
+        """Load what `config` (sdkit_serve.json's fields; paths relative to model_dir) names; `sdkit serve` calls this.
+        `prepare(pipe)`, if given, runs before the warm-up (sdkit serve --compile compiles the denoiser there)."""
         import torch
         from diffusers import DiffusionPipeline
 
@@ -104,6 +105,8 @@ class DiffusionService:
         self.refiner_steps = config.get("refiner_steps")  # None: the request's steps
 
         multiple = self._set_limits(pipe, config)
+        if prepare is not None:
+            prepare(pipe)
         if config.get("warmup", True):
             # One small generation now, so the first request does not pay one-time set-up costs
             # and TorchServe reports the worker READY only once it can really answer.

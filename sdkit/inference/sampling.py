@@ -188,9 +188,11 @@ def load_pipeline(
 
     placement = _place(pipe, refiner_pipe, device_name, offload)
     if compile:
+        from sdkit.training.compiled import compile_for_inference
+
         for p, fam in ((pipe, refs.family), (refiner_pipe, refs.refiner_family)):
-            if p is not None:
-                getattr(p, family_class(fam).denoiser_attr).compile()  # in place: weights and keys unchanged
+            if p is not None:  # in place: weights and keys unchanged
+                compile_for_inference(getattr(p, family_class(fam).denoiser_attr))
     width, height, multiple = native_size(pipe, family_cls.denoiser_attr)
     info = PipelineInfo(
         model=model_ref, base=refs.base, family=refs.family, loras=refs.loras, lora_scale=lora_scale,

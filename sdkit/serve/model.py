@@ -33,16 +33,17 @@ def v2_body(request) -> dict:
 class ServedPipeline(kserve.Model):
     """One text-to-image pipeline; `config` holds sdkit_serve.json's fields with absolute paths."""
 
-    def __init__(self, name: str, config: dict):
+    def __init__(self, name: str, config: dict, compile: bool = False):
         super().__init__(name)
         self.config = config
+        self.compile = compile  # torch.compile the denoiser(s) before the warm-up (sdkit serve --compile)
         self.service = DiffusionService()
 
     def load(self) -> bool:
         from sdkit.families import detect_family, family_class
         from sdkit.inference.generate import PhaseTimer
 
-        self.service.load("/", self.config)
+        self.service.load("/", self.config, prepare=self._compile if self.compile else None)
         self.service.initialized = True
         # Per-part times of each request, logged: the pipeline's own modules are hooked (generate --profile's timer).
         self.timer = PhaseTimer(self.service.device)
@@ -51,6 +52,15 @@ class ServedPipeline(kserve.Model):
             self.timer.attach(self.service.refiner, family_class(detect_family(self.config["refiner"])))
         self.ready = True
         return self.ready
+
+    def _compile(self, pipe) -> None:
+        from sdkit.families import detect_family, family_class
+        from sdkit.training.compiled import compile_for_inference
+
+        parts = [(pipe, self.config["pipeline"]), (self.service.refiner, self.config.get("refiner"))]
+        for part, folder in parts:
+            if part is not None:
+                compile_for_inference(getattr(part, family_class(detect_family(folder)).denoiser_attr))
 
     async def predict(self, payload: Any, headers: Optional[dict] = None, response_headers: Optional[dict] = None):
         started = time.perf_counter()

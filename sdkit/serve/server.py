@@ -53,11 +53,11 @@ def model_name(model: str, name: Optional[str]) -> str:
     return check_name(name or default_name(resolve_model(model)))
 
 
-def build_models(model: str, *, name: Optional[str] = None, **kwargs) -> list:
+def build_models(model: str, *, name: Optional[str] = None, compile: bool = False, **kwargs) -> list:
     """The kserve.Model objects `sdkit serve` serves: the whole pipeline."""
     from sdkit.serve.model import ServedPipeline
 
-    return [ServedPipeline(model_name(model, name), pipeline_config(model, **kwargs))]
+    return [ServedPipeline(model_name(model, name), pipeline_config(model, **kwargs), compile=compile)]
 
 
 def serve_command(model: str, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,

@@ -1,5 +1,6 @@
-"""torch.compile of the denoiser for training: compiled once per input shape, the compiled
-code cached in the run folder, and eager training on a compile failure.
+"""torch.compile of the denoiser: for training, compiled once per input shape, the compiled
+code cached in the run folder, and eager training on a compile failure; for inference
+(generate/eval/serve --compile), the same fallback per call.
 
 Shapes: the denoiser is compiled with static shapes (`dynamic=False`), so each batch shape
 (each aspect bucket) compiles once and is then reused, never once per step; the recompile limit
@@ -34,7 +35,13 @@ def inductor_cache(run_dir) -> Path:
     user = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     ours = _SET_BY_US | {os.path.abspath(default_cache_dir())}  # inductor writes its default back too
     path = Path(user) if user and user not in ours else Path(run_dir).resolve() / "compile-cache"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(path):
+        from torch._inductor.utils import clear_caches
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+        # Inductor keeps loaded kernels and some cache paths in memory: without this, a process that
+        # compiled before would reuse them and leave the new folder empty (torch's own fresh_cache does this).
+        clear_caches()
     _SET_BY_US.add(str(path))
     return path
 
@@ -52,8 +59,31 @@ def compile_module(module, run_dir) -> "CompileGuard":
     return CompileGuard(module)
 
 
+def compile_for_inference(module, flag: str = "--compile") -> None:
+    """Compile `module` in place for inference (generate/eval/serve --compile); a call whose
+    compile fails warns once naming the reason and runs eagerly, and so does every later call.
+    No randomness happens inside the denoiser, so computing the call again eagerly is exact."""
+    module.compile(dynamic=False)
+    compiled = module._compiled_call_impl
+
+    def guarded(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except _compile_errors() as e:
+            warnings.warn(f"{flag}: compiling the denoiser failed ({failure_reason(e)}); going on eagerly",
+                          RuntimeWarning, stacklevel=2)
+            uncompile(module)
+            return module(*args, **kwargs)
+
+    module._compiled_call_impl = guarded
+
+
 def uncompile(module) -> None:
     module._compiled_call_impl = None  # nn.Module.compile's compiled call; None: eager again
+
+
+def failure_reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"[:300]
 
 
 def _compile_errors() -> tuple:
@@ -80,7 +110,7 @@ class CompileGuard:
         try:
             out = compute()
         except _compile_errors() as e:
-            self.failure = f"{type(e).__name__}: {first_line(e)}"[:300]
+            self.failure = failure_reason(e)
             warnings.warn(f"train.compile: compiling the denoiser failed ({self.failure}); training goes on eagerly",
                           RuntimeWarning, stacklevel=2)
             uncompile(self.module)
