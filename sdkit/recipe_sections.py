@@ -210,8 +210,9 @@ class OptimConfig(_Section):
         return self
 
 
-# train.compile=auto compiles runs at least this long: compiling takes ~20-60 s on a CPU and
-# ~1-2 min for SDXL on a GPU, which a run must win back (1.2-1.6x steps/s) before it pays.
+# train.compile=auto compiles CUDA runs at least this long: compiling takes ~1-2 min for SDXL on a
+# GPU, which a run must win back (1.2-1.6x steps/s) before it pays. Not CPU runs: there inductor
+# compiles for many minutes (20+ min wall for a tiny SD 1.5-structure UNet on a loaded 2-core box).
 COMPILE_AUTO_MIN_STEPS = 1000
 
 

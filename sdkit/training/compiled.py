@@ -83,6 +83,9 @@ def uncompile(module) -> None:
 
 
 def failure_reason(error: Exception) -> str:
+    """The error's type and first line; for dynamo's BackendCompilerFailed ("backend='inductor'
+    raised:"), those of the error inductor raised."""
+    error = getattr(error, "inner_exception", None) or error
     return f"{type(error).__name__}: {first_line(error)}"[:300]
 
 

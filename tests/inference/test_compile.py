@@ -25,27 +25,31 @@ def _graphs() -> int:
 
 
 @pytest.mark.slow
-def test_failed_compile_warns_once_and_generates_eagerly(tiny_sd, tmp_path, monkeypatch):
-    """No C++ compiler for inductor. First in this file: a later compile would leave kernels in
-    inductor's in-memory cache."""
-    import torch._inductor.config as inductor_config
-
-    eager = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "eager", **FAST))
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr("torch._functorch.config.enable_autograd_cache", False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        failed = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "failed", compile=True, **FAST))
-    ours = [w for w in caught if "--compile" in str(w.message)]
-    assert len(ours) == 1 and "going on eagerly" in str(ours[0].message)
-    assert np.array_equal(failed, eager)
-
-
-@pytest.mark.slow
 def test_generate_compiled_matches_eager(tiny_sd, tmp_path):
     eager = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "eager", **FAST))
     before = _graphs()
     compiled = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "compiled", compile=True, **FAST))
     assert _graphs() > before  # the denoiser really went through torch.compile
     assert np.abs(compiled - eager).max() <= 2  # of 255: fused kernels round differently
+
+
+@pytest.mark.slow
+def test_failed_compile_warns_once_and_generates_eagerly(tiny_sd, tmp_path, monkeypatch):
+    """No C++ compiler for inductor (a real failure on machines without one). Inductor's
+    in-memory caches are cleared before (kernels built by an earlier test would not need the
+    compiler) and after (the failure must not stay behind for later tests)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import clear_caches
+
+    eager = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "eager", **FAST))
+    with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        patch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+        patch.setattr(inductor_config, "fx_graph_cache", False)
+        patch.setattr("torch._functorch.config.enable_autograd_cache", False)
+        clear_caches()
+        warnings.simplefilter("always")
+        failed = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "failed", compile=True, **FAST))
+    clear_caches()
+    ours = [w for w in caught if "--compile" in str(w.message)]
+    assert len(ours) == 1 and "going on eagerly" in str(ours[0].message)
+    assert np.array_equal(failed, eager)

@@ -80,7 +80,9 @@ def test_compiled_step_loss_matches_eager(family, request, image_folder, tmp_pat
     """(SD 1.x: in the resume test below.)"""
     model = request.getfixturevalue(f"tiny_{family}")
     eager = _losses(_trainer(tmp_path, model, image_folder, "eager", compile=False))
-    compiled = _losses(_trainer(tmp_path, model, image_folder, "compiled"))
+    trainer = _trainer(tmp_path, model, image_folder, "compiled")
+    compiled = _losses(trainer)
+    assert trainer.step.compile_guard.failure is None  # compiled for real, not the eager fallback
     assert compiled == pytest.approx(eager, abs=1e-4)
 
 
