@@ -100,6 +100,9 @@ def test_compiled_resume_is_exact(tiny_sd, image_folder, tmp_path):
     path = write_recipe(tmp_path, tiny_sd, image_folder, tmp_path / "run", method=FULL, optim={"lr": 1e-3},
                         train={"batch_size": 1, "max_steps": 4, "compile": True, "resume": str(ckpt)})
     resumed = Trainer(load_recipe(path))
+    import torch._dynamo
+
+    torch._dynamo.reset()  # as a new process starts: nothing compiled in memory, only the run folder's cache
     hits = _cache_hits()
     resumed.fit()
     assert _cache_hits() > hits  # the resumed run loaded the compiled graphs from the run folder
