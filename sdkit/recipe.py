@@ -293,7 +293,8 @@ def _looks_local(ref: str) -> bool:
 
 def check_local_ref(ref: str, key: str) -> None:
     if _looks_local(ref) and not os.path.exists(os.path.expanduser(ref)):
-        raise UserError(f"{key}: folder '{ref}' does not exist")
+        what = "file" if ref.lower().endswith((".safetensors", ".ckpt")) else "folder"
+        raise UserError(f"{key}: {what} '{ref}' does not exist")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
@@ -342,7 +343,8 @@ def recipe_from_dict(data: dict, where: str = "<recipe>", from_cli: set[str] = f
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise UserError("\n".join(_validation_lines(e, origin))) from None
-    refs = [(key, recipe.get(key)) for key in ("model.pretrained", "model.vae", "model.refiner", "data.dataset")]
+    refs = [(key, recipe.get(key)) for key in ("model.pretrained", "model.config", "model.vae", "model.refiner",
+                                                "data.dataset")]
     refs += [(f"data.datasets.{i}.dataset", entry.dataset) for i, entry in enumerate(recipe.data.datasets or [])]
     for key, ref in refs:
         if ref:
@@ -364,5 +366,8 @@ def _family_problems(recipe: Recipe) -> list[str]:
     (model.family given, or a local folder); the trainer asks again once it knows it."""
     from sdkit.families import check_recipe_family, local_family
 
-    name = recipe.model.family if recipe.model.family != "auto" else local_family(recipe.model.pretrained)
+    from sdkit.single_file import config_source
+
+    source = config_source(recipe.model)
+    name = recipe.model.family if recipe.model.family != "auto" else (source and local_family(source))
     return check_recipe_family(recipe, name) if name else []

@@ -18,7 +18,13 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    pretrained: str = Field(description="Hub id or local diffusers folder of the base model.")
+    pretrained: str = Field(
+        description="Hub id, local diffusers folder, or single-file .safetensors checkpoint of the base model."
+    )
+    config: Optional[str] = Field(
+        None, description="Single-file pretrained: diffusers folder or hub id with its configs and tokenizers "
+        "(needed offline; online diffusers infers it from the checkpoint)."
+    )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
     variant: Optional[str] = Field(None, description="Weight variant to load, e.g. fp16.")
     family: Literal["auto", "sd", "sdxl", "sd3"] = Field(
@@ -31,6 +37,25 @@ class ModelConfig(_Section):
         None, description="SDXL refiner used for validation images (base + refiner)."
     )
     load_t5: bool = Field(True, description="SD3: load the T5 text encoder (false saves memory).")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _no_pickle(cls, value: str) -> str:
+        from sdkit.single_file import pickle_refusal
+
+        refusal = pickle_refusal(value)
+        if refusal:
+            raise ValueError(refusal)
+        return value
+
+    @model_validator(mode="after")
+    def _config_with_single_file(self):
+        from sdkit.single_file import SINGLE_FILE_SUFFIX
+
+        if self.config and not self.pretrained.lower().endswith(SINGLE_FILE_SUFFIX):
+            raise ValueError(f"model.config applies to a single-file {SINGLE_FILE_SUFFIX} model.pretrained; "
+                             f"'{self.pretrained}' brings its own configs")
+        return self
 
 
 class MethodConfig(_Section):

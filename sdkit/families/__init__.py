@@ -75,9 +75,20 @@ def local_family(pretrained: str):
 
 
 def resolve_family_name(model_cfg) -> str:
+    from sdkit.single_file import config_source, inferred_config_repo
+
     if model_cfg.family != "auto":
         return model_cfg.family
-    return detect_family(model_cfg.pretrained, model_cfg.revision)
+    source = config_source(model_cfg)
+    if source is None:  # a single file without model.config: the repo diffusers would take its configs from
+        source = inferred_config_repo(model_cfg.pretrained)
+        try:
+            return detect_family(source)
+        except UserError as e:
+            raise UserError(f"model.config: the configs of '{model_cfg.pretrained}' live in '{source}', which "
+                            f"cannot be read here ({e}); set model.config to a diffusers folder of its architecture"
+                            ) from None
+    return detect_family(source, model_cfg.revision, key="model.config" if model_cfg.config else "model.pretrained")
 
 
 def check_recipe_family(recipe, name: str) -> list[str]:

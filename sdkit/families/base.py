@@ -93,7 +93,7 @@ class Family:
     # --- loading ------------------------------------------------------------
     @classmethod
     def load(cls, model_cfg, dtype: Optional["torch.dtype"] = None) -> "Family":
-        """Load every component from a hub id or folder (recipe `model` section)."""
+        """Load every component from a hub id, folder or single file (recipe `model` section)."""
         import diffusers
         import torch
 
@@ -108,14 +108,24 @@ class Family:
             from diffusers import AutoencoderKL
 
             kwargs["vae"] = AutoencoderKL.from_pretrained(model_cfg.vae, **dtype_kwarg(dtype))
-        pipe = pipe_cls.from_pretrained(
-            model_cfg.pretrained,
-            revision=model_cfg.revision,
-            variant=model_cfg.variant,
-            **dtype_kwarg(dtype),
-            **kwargs,
-        )
+        pipe = cls._load_pipeline(pipe_cls, model_cfg, {**dtype_kwarg(dtype), **kwargs})
         return cls(dict(pipe.components))
+
+    @classmethod
+    def _load_pipeline(cls, pipe_cls, model_cfg, kwargs: dict):
+        import os
+
+        from sdkit.single_file import is_single_file
+
+        if not is_single_file(model_cfg.pretrained):
+            return pipe_cls.from_pretrained(model_cfg.pretrained, revision=model_cfg.revision,
+                                            variant=model_cfg.variant, **kwargs)
+        # One .safetensors file in the original layout: diffusers converts each component; the
+        # configs and tokenizers come from model.config (or, online, the repo it infers).
+        config = model_cfg.config and os.path.expanduser(model_cfg.config)
+        local = bool(config) and os.path.isdir(config)
+        return pipe_cls.from_single_file(os.path.expanduser(model_cfg.pretrained), config=config,
+                                         local_files_only=local, **kwargs)
 
     @classmethod
     def load_overrides(cls, model_cfg, dtype) -> dict[str, Any]:

@@ -54,10 +54,11 @@ class StableDiffusionXL(Family):
     @classmethod
     def load(cls, model_cfg, dtype=None) -> "StableDiffusionXL":
         from sdkit.inference.loading import read_model_index
+        from sdkit.single_file import config_source
 
         # sdkit uses the refiner for sampling (model.refiner), it does not train it.
-        index = read_model_index(model_cfg.pretrained, model_cfg.revision)
-        if cls.is_refiner_only(index):
+        source = config_source(model_cfg)  # None: a single file whose configs diffusers infers
+        if source and cls.is_refiner_only(read_model_index(source, model_cfg.revision)):
             raise UserError(
                 f"model.pretrained: '{model_cfg.pretrained}' is an SDXL refiner (no text_encoder); "
                 "train the SDXL base model and pass the refiner as model.refiner for sample images"

@@ -175,7 +175,11 @@ def model_spec(recipe):
     """Architecture of the recipe's model; the family must agree with model.family and accept the recipe."""
     from sdkit.plan.architectures import load_model_spec
 
-    model = load_model_spec(recipe.model.pretrained, recipe.model.revision)
+    from sdkit.single_file import config_source, inferred_config_repo
+
+    # a single file's architecture is its config folder's (or the repo diffusers infers for it)
+    model = load_model_spec(config_source(recipe.model) or inferred_config_repo(recipe.model.pretrained),
+                            recipe.model.revision)
     if recipe.model.family not in ("auto", model.family):
         raise UserError(
             f"model.family: recipe says '{recipe.model.family}' but '{recipe.model.pretrained}' is a "

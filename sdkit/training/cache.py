@@ -30,6 +30,7 @@ def cache_key(recipe, family_name: str, dtype: torch.dtype) -> str:
     parts = {
         "family": family_name,
         "model": recipe.model.pretrained,
+        "config": recipe.model.config,
         "revision": recipe.model.revision,
         "variant": recipe.model.variant,
         "vae": recipe.model.vae,
@@ -44,6 +45,8 @@ def cache_key(recipe, family_name: str, dtype: torch.dtype) -> str:
 def _encoder_weight_files(ref) -> list:
     """(file, size, mtime) of a local folder's VAE and text-encoder weights: a model replaced
     in place keeps its path, and the path alone would hand back the old encoders' latents."""
+    if ref and os.path.isfile(ref):  # a single-file checkpoint holds every component
+        return [[os.path.basename(ref), os.path.getsize(ref), os.stat(ref).st_mtime_ns]]
     if not ref or not os.path.isdir(ref):
         return []  # a hub id: its revision is in the key
     root = Path(ref)
