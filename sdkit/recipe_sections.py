@@ -317,4 +317,17 @@ class ValidationConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard logs to OUTPUT_DIR/logs.")
-    every: int = Field(10, ge=1, description="Log loss and lr every N steps.")
+    every: int = Field(10, ge=1, description="Log loss, lr, grad norm and steps/s every N steps.")
+    wandb: bool = Field(
+        False, description="Also log to Weights & Biases (extra `wandb`; WANDB_MODE=offline writes OUTPUT_DIR/wandb only)."
+    )
+    wandb_project: str = Field("sdkit", description="wandb: project name.")
+    wandb_run_name: Optional[str] = Field(None, description="wandb: run name; default: the output_dir folder name.")
+    wandb_entity: Optional[str] = Field(None, description="wandb: team or user the run belongs to; default: yours.")
+
+    @model_validator(mode="after")
+    def _wandb_keys(self):
+        for name in ("wandb_project", "wandb_run_name", "wandb_entity"):
+            if not self.wandb and getattr(self, name) != type(self).model_fields[name].get_default():
+                raise ValueError(f"logging.{name} applies with logging.wandb: true")
+        return self

@@ -272,6 +272,7 @@ def _build_step(recipe, model, family, adapter, modules, fake: bool):
     step.accumulation = 1
     for module in modules:
         module.train()
+    adapter.prepare_trace(modules)
     return step
 
 

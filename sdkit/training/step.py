@@ -58,6 +58,9 @@ class TrainStep:
     # mean over its micro-batches); the trainer logs them at its log interval
     terms: dict = field(default_factory=dict, repr=False)
     _micro_terms: dict = field(default_factory=dict, init=False, repr=False)
+    # the last step's gradient norm before clipping, a device tensor read only when logged;
+    # None while no step has run and with a fused backward (its gradients never exist together)
+    grad_norm: Any = field(default=None, repr=False)
 
     def __call__(self, batches: Iterator[dict], step_number: int):
         """One optimizer step over `accumulation` micro-batches; `step_number` counts from 1."""
@@ -134,7 +137,9 @@ class TrainStep:
         """After the last micro-batch's backward: clip, step, schedule, clear the gradients, EMA."""
         acc = self.accelerator
         if self.max_grad_norm:
-            acc.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)  # None under DeepSpeed
+        else:  # a fused backward left no gradients: None
+            self.grad_norm = _total_norm(self.params)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -142,3 +147,11 @@ class TrainStep:
             gather = self.full_parameters or (lambda m: contextlib.nullcontext(acc.unwrap_model(m)))
             with gather(self.modules[0]) as denoiser:
                 self.ema.update(denoiser, step_number)
+
+
+def _total_norm(params):
+    """The 2-norm of all gradients, as clipping would measure it (nothing to measure: None)."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from sdkit.errors import UserError
 from sdkit.recipe import Recipe
-from sdkit.training import build, distributed
+from sdkit.training import build, distributed, trackers
 from sdkit.training.checkpoints import (  # noqa: F401  (find_resume_checkpoint: public here too)
     Checkpointer, Progress, check_shape, find_resume_checkpoint, read_state, run_shape,
 )
@@ -88,7 +88,7 @@ class Trainer:
         self.precision, precision_note = build.run_precision(r.train.mixed_precision, cuda)
         self.accelerator = acc = Accelerator(
             cpu=not cuda, mixed_precision=self.precision,
-            log_with="tensorboard" if r.logging.tensorboard else None,
+            log_with=trackers.tracker_names(r.logging) or None,
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
             **distributed.accelerator_kwargs(r),
         )
@@ -112,8 +112,7 @@ class Trainer:
         distributed.check_shared_output_dir(acc, self.run_dir)
         set_seed(r.train.seed)
         self._build(resume)
-        if r.logging.tensorboard:
-            acc.init_trackers("sdkit", config=flat(r.model_dump(mode="json")))
+        trackers.start(acc, r, self.run_dir, flat(r.model_dump(mode="json")))
 
     def _build(self, resume) -> None:
         r, acc = self.recipe, self.accelerator
@@ -188,8 +187,10 @@ class Trainer:
         means = torch.stack([torch.stack([p[k] for p in pending]).float().mean() for k in keys])
         means = acc.reduce(means.to(acc.device), reduction="mean").cpu().tolist()
         self.logged = {("loss" if k == "loss" else f"loss_{k}"): v for k, v in zip(keys, means)}
-        acc.log({**{f"train/{k}": v for k, v in self.logged.items()}, "train/lr": lr, "train/steps_per_s": rate},
-                step=self.state.step)
+        scalars = {**{f"train/{k}": v for k, v in self.logged.items()}, "train/lr": lr, "train/steps_per_s": rate}
+        if self.step.grad_norm is not None:  # the last step's, before clipping (none with a fused backward)
+            scalars["train/grad_norm"] = float(self.step.grad_norm)
+        acc.log(scalars, step=self.state.step)
 
     def save_checkpoint(self) -> Path:
         with averaged_weights(self.step.optimizer):  # both runs of a resume switch alike: exact
@@ -229,7 +230,7 @@ class Trainer:
         build.move_frozen(family, acc.device)
         was_training = denoiser.training
         denoiser.eval()
-        refiner, paths = None, []
+        refiner, paths, logged = None, [], []
         try:
             pipe = family.pipeline(**{family.denoiser_attr: denoiser})
             out = self.run_dir / "samples" / f"step-{self.state.step:07d}"
@@ -245,6 +246,7 @@ class Trainer:
                                          height=res, refiner=refiner)
                     for k, image in enumerate(images):
                         paths.append(out / f"{i:02d}-{k}.png")
+                        logged.append((prompt, image))
                         if acc.is_main_process:
                             image.save(paths[-1])
         finally:  # also after a failure: training goes on as before
@@ -253,6 +255,7 @@ class Trainer:
             if refiner is not None:
                 refiner.to("cpu")
             denoiser.train(was_training)
+        trackers.log_images(acc, self.recipe, self.state.step, logged)
         self.log(f"samples {out}")
         return paths
 

@@ -39,6 +39,9 @@ image = pipe("{prompt}").images[0]
             module.requires_grad_(True)
         return modules
 
+    def prepare_trace(self, modules: list) -> None:
+        """Nothing to prepare for `sdkit plan`'s fake-tensor trace."""
+
     def compute_dtype(self, weight_dtype):
         """The denoiser's inputs match its trained weights (autocast lowers the matmuls)."""
         import torch

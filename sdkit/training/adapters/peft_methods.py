@@ -42,6 +42,9 @@ image = pipe("{prompt}").images[0]
     def check_family(self, family) -> None:
         """Raise a UserError when the result cannot be written for this family (before training)."""
 
+    def prepare_trace(self, modules: list) -> None:
+        """Make the training-mode modules traceable on fake tensors (`sdkit plan`); most need nothing."""
+
     # -- shared
     def targets(self, family) -> list[str]:
         return list(self.method.target_modules or family.lora_targets)
@@ -144,6 +147,18 @@ network.apply_to(); network.load_state_dict(weights)
         from sdkit.training.adapters.lycoris import kohya_layout
 
         kohya_layout(family, key="method.type")
+
+    def prepare_trace(self, modules: list) -> None:
+        """peft's LoHa/LoKr layers draw their module dropout in training mode with
+        `torch.rand(1) > p`, a comparison fake tensors have no value for. Traced in eval mode (only
+        these layers: checkpointing and the rest stay in training mode) the adapter branch always
+        runs: what training does at dropout 0, and the upper bound above it."""
+        from peft.tuners.lycoris_utils import LycorisLayer
+
+        for module in modules:
+            for layer in module.modules():
+                if isinstance(layer, LycorisLayer):
+                    layer.training = False
 
     def save(self, family, modules: list, out: Path) -> list[Path]:
         from sdkit.training.adapters import lycoris
