@@ -128,6 +128,7 @@ def allocator_peak(fn) -> tuple[object, int]:
         dict(method={"type": "full"}, train={"mixed_precision": "bf16", "gradient_checkpointing": True, "ema": True,
                                                "gradient_accumulation": 2}),
         dict(method={"type": "lora", "rank": 8}, train={"mixed_precision": "bf16"}),
+        dict(method={"type": "loha", "rank": 8}),
         dict(method={"type": "lora", "rank": 8}, train={"mixed_precision": "bf16", "gradient_checkpointing": True},
              optim={"name": "adamw8bit"}, validation={"prompts": ["a red square"]}),
         # wider and at 16 px: weights, gradients, AdamW state and EMA are most of the bytes
@@ -136,7 +137,8 @@ def allocator_peak(fn) -> tuple[object, int]:
     ],
     # The VAE-encode case (data.cache=false) crawled under pytest on real tensors (not outside it,
     # where it matched the allocator at 0.999); its fake trace is still checked by the what-if tests.
-    ids=["full-fp32", "full-bf16-ckpt-ema-accum", "lora-bf16", "lora-ckpt-8bit-validation", "weights-dominate"],
+    ids=["full-fp32", "full-bf16-ckpt-ema-accum", "lora-bf16", "loha-fp32", "lora-ckpt-8bit-validation",
+         "weights-dominate"],
 )
 def test_fake_trace_matches_the_cpu_allocator_on_a_tiny_model(tiny_sd, sections):
     """The trainer's step on real CPU tensors: the fake estimate vs the bytes the allocator handed out."""
@@ -366,19 +368,30 @@ def test_sd15_full_finetune_fits_24gb(request):
 
 
 def test_plan_covers_every_method_and_optimizer(tiny_sd):
-    """DoRA, Prodigy and schedule-free go through the trainer's own builders on fake tensors;
-    Prodigy's extra state (its p0 and s copies) shows in the optimizer phase. (LoHa/LoKr are not
-    traced: peft draws their module dropout with a data-dependent comparison.)"""
+    """DoRA, LoHa, LoKr, Prodigy and schedule-free go through the trainer's own builders on fake
+    tensors; Prodigy's extra state (its p0 and s copies) shows in the optimizer phase; LoHa/LoKr
+    train exactly the parameters a real model gets, with AdamW's two fp32 moments each."""
     from sdkit.plan.architectures import load_model_spec
     from sdkit.plan.trace import trace_training_step
+    from sdkit.training.adapters import make_adapter
+    from sdkit.training.build import load_family
 
     model = load_model_spec(str(tiny_sd))
 
+    def trace(**sections):
+        return trace_training_step(make_recipe(tiny_sd, data={"resolution": 32}, **sections), model)
+
     def optimizer_bytes(**sections):
-        trace = trace_training_step(make_recipe(tiny_sd, data={"resolution": 32}, **sections), model)
-        return trace.phase_peaks["optimizer step"]["Optstate"]
+        return trace(**sections).phase_peaks["optimizer step"]["Optstate"]
 
     assert optimizer_bytes(method={"type": "lora", "use_dora": True}) > 0
+    for method in ({"type": "loha", "rank": 8, "dropout": 0.1}, {"type": "lokr", "rank": 8, "decompose_both": True}):
+        recipe = make_recipe(tiny_sd, data={"resolution": 32}, method=method)
+        real = make_adapter(recipe.method).attach(load_family(recipe, "sd", None))[0]
+        trained = sum(p.numel() for p in real.parameters() if p.requires_grad)
+        traced = trace(method=method)
+        assert traced.trainable_params == trained, method
+        assert traced.opt_state_bytes == 2 * 4 * trained and traced.peak_bytes > traced.trainable_bytes
     adamw = optimizer_bytes(method={"type": "lora", "rank": 8})
     assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "prodigy", "lr": 1.0}) > adamw
     assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "adamw_schedulefree"}) > 0
