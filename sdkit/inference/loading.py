@@ -57,6 +57,10 @@ def resolve_model(ref: str, key: str = "--model") -> ResolvedModel:
             from sdkit.recipe import load_recipe
 
             recipe = load_recipe(path / RECIPE_FILE)
+            if recipe.model.pretrained.lower().endswith(".safetensors"):
+                raise UserError(f"{key}: run '{ref}' was trained on the single-file checkpoint "
+                                f"'{recipe.model.pretrained}', which {key} does not load yet; load its LoRA "
+                                f"({path / LORA_FILE}) into that checkpoint in A1111/ComfyUI or diffusers")
             return ResolvedModel(base=recipe.model.pretrained, lora=str(path / LORA_FILE), run_dir=str(path))
         raise UserError(f"{key}: run folder '{ref}' holds no result yet (has training finished?)")
     raise UserError(f"{key}: '{ref}' is not a diffusers model folder (no model_index.json)")
