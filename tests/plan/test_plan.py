@@ -388,10 +388,13 @@ def test_plan_covers_every_method_and_optimizer(tiny_sd):
     for method in ({"type": "loha", "rank": 8, "dropout": 0.1}, {"type": "lokr", "rank": 8, "decompose_both": True}):
         recipe = make_recipe(tiny_sd, data={"resolution": 32}, method=method)
         real = make_adapter(recipe.method).attach(load_family(recipe, "sd", None))[0]
-        trained = sum(p.numel() for p in real.parameters() if p.requires_grad)
+        tensors = [p for p in real.parameters() if p.requires_grad]
+        trained = sum(p.numel() for p in tensors)
         traced = trace(method=method)
         assert traced.trainable_params == trained, method
-        assert traced.opt_state_bytes == 2 * 4 * trained and traced.peak_bytes > traced.trainable_bytes
+        # AdamW: two fp32 moments per weight, and a step counter per tensor
+        assert 0 < traced.opt_state_bytes - 2 * 4 * trained <= 8 * len(tensors)
+        assert traced.peak_bytes > traced.trainable_bytes
     adamw = optimizer_bytes(method={"type": "lora", "rank": 8})
     assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "prodigy", "lr": 1.0}) > adamw
     assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "adamw_schedulefree"}) > 0
