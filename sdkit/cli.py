@@ -90,6 +90,9 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     lora: Optional[str] = typer.Option(None, "--lora", help="LoRA file, folder or run folder."),
     lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA strength."),
+    embedding: Optional[List[str]] = typer.Option(
+        None, "--embedding", help="Textual-inversion embedding (.safetensors or run folder); repeatable."
+    ),
     refiner: Optional[str] = typer.Option(None, "--refiner", help="SDXL refiner (hub id or folder)."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
     steps: int = typer.Option(30, "--steps", min=1, help="Denoising steps."),
@@ -116,7 +119,7 @@ def generate(
         prompts=prompts, model=use_model(model).ref, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
         height=height, num_images=num_images, batch_size=batch_size, scheduler=scheduler, out=out,
-        device=device, dtype=dtype, profile=profile, compile=compile,
+        device=device, dtype=dtype, profile=profile, compile=compile, embeddings=tuple(embedding or ()),
     )
 
 

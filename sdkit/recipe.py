@@ -100,8 +100,9 @@ class Recipe(_Section):
 
     def cache_blocker(self) -> Optional[str]:
         """Why latents and text embeddings cannot be cached, or None when they can."""
-        if self.method.train_text_encoder:
-            return "the text encoder is trained"
+        if self.method.trains_text_encoders:
+            return ("textual inversion trains the text encoders' input embeddings" if self.method.type == "textual_inversion"
+                    else "the text encoder is trained")
         if not self.data.center_crop:
             return "random crops change the pixels every epoch (data.center_crop=false)"
         if self.data.shuffle_caption:

@@ -59,8 +59,9 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    type: Literal["full", "lora", "loha", "lokr"] = Field(
-        "lora", description="full: all denoiser weights; lora (DoRA with use_dora), loha, lokr: adapters (peft)."
+    type: Literal["full", "lora", "loha", "lokr", "textual_inversion"] = Field(
+        "lora", description="full: all denoiser weights; lora (DoRA with use_dora), loha, lokr: adapters (peft); "
+        "textual_inversion: new token embeddings of the CLIP text encoder(s) only."
     )
     rank: int = Field(4, ge=1, description="Adapter rank (LoRA/DoRA/LoHa/LoKr).")
     alpha: Optional[float] = Field(None, gt=0, description="Adapter alpha (strength alpha/rank); defaults to the rank.")
@@ -75,6 +76,18 @@ class MethodConfig(_Section):
         None, description="Module names that get adapters; default: the family's attention projections."
     )
     train_text_encoder: bool = Field(False, description="Also train the text encoder(s) (adapters on their attention; full: all weights).")
+    placeholder_token: Optional[str] = Field(
+        None, description="textual_inversion: the new word the captions use, e.g. <my-cat> (not already a token)."
+    )
+    initializer_token: Optional[str] = Field(
+        None, description="textual_inversion: a word whose embedding the new vectors start from (several tokens: their mean)."
+    )
+    num_vectors: int = Field(1, ge=1, le=64, description="textual_inversion: embedding vectors behind the placeholder token.")
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """The text encoders run inside the training graph (their output cannot be cached)."""
+        return self.train_text_encoder or self.type == "textual_inversion"
 
     @property
     def lora_alpha(self) -> float:
@@ -85,11 +98,19 @@ class MethodConfig(_Section):
     def _variant_keys(self):
         # Keys of one method set on another would silently do nothing.
         owners = {"use_dora": ("lora",), "lokr_factor": ("lokr",), "decompose_both": ("lokr",),
-                  "init_from": ("lora", "loha", "lokr")}
+                  "init_from": ("lora", "loha", "lokr"), "placeholder_token": ("textual_inversion",),
+                  "initializer_token": ("textual_inversion",), "num_vectors": ("textual_inversion",),
+                  "train_text_encoder": ("full", "lora", "loha", "lokr")}
         for name, methods in owners.items():
             info = type(self).model_fields[name]
             if getattr(self, name) != info.get_default() and self.type not in methods:
                 raise ValueError(f"method.{name} applies to method.type {' or '.join(methods)}, not {self.type}")
+        if self.type == "textual_inversion":
+            for name in ("placeholder_token", "initializer_token"):
+                value = getattr(self, name)
+                if not value or not value.strip() or len(value) > 100 or any(c.isspace() for c in value):
+                    raise ValueError(f"method.{name}: textual_inversion needs one word without spaces "
+                                     f"(e.g. placeholder_token=<my-cat> initializer_token=cat), got {value!r}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ValueError(f"method.lokr_factor must be -1 or a positive number, got {self.lokr_factor}")
         return self

@@ -43,6 +43,10 @@ class Family:
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoder_lora_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     extra_recipe_keys: ClassVar[tuple[str, ...]] = ()  # recipe keys only this family reads
+    # Keys of an A1111/ComfyUI embedding file, one per CLIP text encoder (text_encoder_attrs order).
+    embedding_keys: ClassVar[tuple[str, ...]] = ("emb_params",)
+    # The diffusers pipeline expands a multi-vector embedding's token in prompts (maybe_convert_prompt).
+    expands_multi_vector_prompts: ClassVar[bool] = True
 
     # the family can hand latents to an img2img refiner (SDXL's ensemble of experts)
     refiner_capable: ClassVar[bool] = False
@@ -76,6 +80,9 @@ class Family:
             elif step > res:
                 problems.append(f"data.bucket_step: {step} is larger than data.resolution {res}; "
                                 f"set data.bucket_step to a divisor of it")
+        if recipe.method.num_vectors > 1 and not cls.expands_multi_vector_prompts:
+            problems.append(f"method.num_vectors: {cls.name} pipelines do not expand a multi-vector token in "
+                            f"prompts; use num_vectors=1 (got {recipe.method.num_vectors})")
         if recipe.model.refiner and not cls.refiner_capable:
             problems.append(f"model.refiner: {cls.name} models take no refiner")
         return problems

@@ -9,7 +9,17 @@ from __future__ import annotations
 from sdkit.families.base import Family
 
 
+def expand_multi_vector(tokenizer, caption: str) -> str:
+    """A textual-inversion token with several vectors (added tokens `tok`, `tok_1`, ...) becomes
+    `tok tok_1 ...`, as diffusers' pipelines expand prompts (training then sees what sampling sees)."""
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    return TextualInversionLoaderMixin._maybe_convert_prompt(None, caption, tokenizer)
+
+
 def clip_token_ids(tokenizer, captions: list[str]):
+    if any(token.endswith("_1") for token in getattr(tokenizer, "added_tokens_encoder", ())):
+        captions = [expand_multi_vector(tokenizer, c) for c in captions]
     return tokenizer(
         captions,
         padding="max_length",

@@ -27,6 +27,10 @@ class StableDiffusion3(Family):
     size_multiple = 16  # VAE factor 8 x the transformer's 2x2 patches
     bucket_step = 16
     extra_recipe_keys = ("model.load_t5",)
+    embedding_keys = ("clip_l", "clip_g")  # A1111/ComfyUI embedding files
+    # Textual inversion trains the two CLIPs' embeddings; T5 reads the placeholder as ordinary text.
+    # StableDiffusion3Pipeline has no maybe_convert_prompt: one vector per token only.
+    expands_multi_vector_prompts = False
     # Joint attention: image stream (to_*) and text stream (add_*/to_add_out) projections.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     # T5 tokens per caption in training (diffusers' SD3 training scripts use 77 too; the

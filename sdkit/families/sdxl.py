@@ -35,6 +35,7 @@ class StableDiffusionXL(Family):
     tokenizer_attrs = ("tokenizer", "tokenizer_2")
     refiner_capable = True
     bucket_step = 64  # what SDXL users expect of buckets (kohya, SimpleTuner)
+    embedding_keys = ("clip_l", "clip_g")  # A1111/ComfyUI embedding files
 
     @classmethod
     def upcasts_vae(cls, precision, vae_config):

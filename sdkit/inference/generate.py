@@ -37,6 +37,7 @@ def generate_command(
     dtype: Optional[str] = None,
     profile: bool = False,
     compile: bool = False,
+    embeddings: tuple = (),
 ) -> list[Path]:
     """Generate `num_images` images per prompt (seeds seed..seed+num_images-1); returns the files."""
     from sdkit.inference.sampling import check_scheduler_name, load_pipeline, make_images
@@ -47,7 +48,7 @@ def generate_command(
     started = time.perf_counter()
     pipe, refiner_pipe, info = load_pipeline(
         model, lora=lora, lora_scale=lora_scale, refiner=refiner, scheduler=scheduler, device=device, dtype=dtype,
-        compile=compile,
+        compile=compile, embeddings=embeddings,
     )
     load_seconds = time.perf_counter() - started
     width, height = info.image_size(width, height)
@@ -132,6 +133,7 @@ def png_text(info, *, prompt, negative_prompt, seed, steps, guidance, width, hei
         "base_model": info.base if info.base != info.model else "",
         "lora": ", ".join(info.loras),
         "lora_scale": info.lora_scale if info.loras else "",
+        "embeddings": ", ".join(info.embeddings),
         "refiner": info.refiner or "",
         "refiner_fraction": REFINER_FRACTION if info.refiner else "",
         "scheduler": info.scheduler,

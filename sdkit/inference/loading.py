@@ -20,6 +20,7 @@ from sdkit.recipe import check_local_ref
 from sdkit.training.checkpoints import STATE_FILE  # a checkpoint folder holds it (no torch at import)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+EMBEDDING_FILE = "learned_embeds.safetensors"  # a textual-inversion run's result (sdkit.inference.embeddings)
 RECIPE_FILE = "recipe.yaml"
 MODEL_INDEX = "model_index.json"
 
@@ -62,6 +63,10 @@ def resolve_model(ref: str, key: str = "--model") -> ResolvedModel:
                                 f"'{recipe.model.pretrained}', which {key} does not load yet; load its LoRA "
                                 f"({path / LORA_FILE}) into that checkpoint in A1111/ComfyUI or diffusers")
             return ResolvedModel(base=recipe.model.pretrained, lora=str(path / LORA_FILE), run_dir=str(path))
+        if (path / EMBEDDING_FILE).is_file():
+            raise UserError(f"{key}: '{shorten(ref)}' is a textual-inversion run (an embedding, not a model): "
+                            f"sdkit generate --model BASE --embedding {shorten(ref)} uses it; eval, export and serve "
+                            "take no embeddings")
         raise UserError(f"{key}: run folder '{ref}' holds no result yet (has training finished?)")
     raise UserError(f"{key}: '{ref}' is not a diffusers model folder (no model_index.json)")
 

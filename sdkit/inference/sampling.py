@@ -60,6 +60,7 @@ class PipelineInfo:
     family: str
     loras: list[str] = field(default_factory=list)
     lora_scale: float = 1.0
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion files (sdkit.inference.embeddings)
     refiner: Optional[str] = None
     refiner_family: Optional[str] = None
     scheduler: str = ""  # sdkit name (or diffusers class name when it has none)
@@ -154,6 +155,7 @@ def load_pipeline(
     dtype: Optional[str] = None,
     offload: Optional[bool] = None,
     compile: bool = False,
+    embeddings: tuple = (),
 ):
     """(pipe, refiner_pipe or None, PipelineInfo) ready to generate on the chosen device.
     `compile`: torch.compile the denoiser(s) (the first image then waits for the compile).
@@ -163,21 +165,26 @@ def load_pipeline(
     and refiner both stay on the GPU or move there only while they run.
     """
     refs = _check_refs(model_ref, lora, refiner, scheduler)
+    from sdkit.families import family_class
+    from sdkit.inference.embeddings import add_embedding, read_embedding
+
+    family_cls = family_class(refs.family)
+    found = [read_embedding(ref, family_cls) for ref in embeddings]  # before any weights load
     device_name = pick_device(device)
     weights_dtype = pick_dtype(device_name, dtype)
     quiet_loading()
 
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
-    from sdkit.families import family_class
     from sdkit.inference.loading import load_lora
 
-    family_cls = family_class(refs.family)
     extra = family_cls.pipeline_load_kwargs()
     pipe = AutoPipelineForText2Image.from_pretrained(refs.base, **dtype_kwarg(weights_dtype), **extra)
     for i, path in enumerate(refs.loras):
         load_lora(pipe, path, adapter_name=f"lora{i}")
     set_lora_scale(pipe, len(refs.loras), lora_scale)
+    for embedding in found:
+        add_embedding(pipe, family_cls, embedding)
     refiner_pipe = None
     if refiner:
         refiner_pipe = AutoPipelineForImage2Image.from_pretrained(refs.refiner_base, **dtype_kwarg(weights_dtype))
@@ -196,7 +203,7 @@ def load_pipeline(
     width, height, multiple = native_size(pipe, family_cls.denoiser_attr)
     info = PipelineInfo(
         model=model_ref, base=refs.base, family=refs.family, loras=refs.loras, lora_scale=lora_scale,
-        refiner=refiner, refiner_family=refs.refiner_family, scheduler=scheduler or scheduler_name(pipe.scheduler),
+        embeddings=[e.source for e in found], refiner=refiner, refiner_family=refs.refiner_family, scheduler=scheduler or scheduler_name(pipe.scheduler),
         device=device_name, dtype=str(weights_dtype).replace("torch.", ""), width=width, height=height,
         size_multiple=multiple, placement=placement,
     )

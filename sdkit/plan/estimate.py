@@ -40,7 +40,7 @@ def text_encoders_loaded(recipe, model) -> list:
 
 def text_encoders_trained(recipe, model) -> list:
     """What method.train_text_encoder trains: the family's trainable text encoders."""
-    if not recipe.method.train_text_encoder:
+    if not recipe.method.trains_text_encoders:
         return []
     return [te for te in text_encoders_loaded(recipe, model) if te.name in _family(model).text_encoder_attrs]
 

@@ -38,7 +38,7 @@ def _knobs(est: Estimate, budget: int) -> tuple[list[Knob], Optional[Knob]]:
 
     # (overrides, what_if changes, how); "adam8" depends on the estimate it is applied to
     cheap = []
-    if not est.cached and not r.method.train_text_encoder:
+    if not est.cached and not r.method.trains_text_encoders:
         cheap.append(("data.cache=true" + ("" if r.data.center_crop else " data.center_crop=true"), {"cached": True}, "exact"))
     if r.optim.name == "adamw":
         cheap.append(("optim.name=adamw8bit", "adam8", "exact"))

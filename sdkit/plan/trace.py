@@ -108,6 +108,16 @@ class _Tokenizer:
     def __call__(self, captions, max_length=None, **_kwargs):
         return SimpleNamespace(input_ids=torch.zeros(len(captions), max_length or self.model_max_length, dtype=torch.long))
 
+    # what textual inversion asks of a tokenizer when it adds its tokens
+    def add_tokens(self, tokens) -> int:
+        return len(tokens)
+
+    def encode(self, text, add_special_tokens=False) -> list[int]:
+        return [0]
+
+    def convert_tokens_to_ids(self, tokens) -> list[int]:
+        return list(range(len(tokens)))
+
 
 def _adamw8bit_states(params, optim, lr):
     return AdamW8bitStates(params, lr=lr)
@@ -156,7 +166,7 @@ def _meta_family(recipe, model, dtype, vae_dtype):
                   "scheduler": SimpleNamespace(config={})}  # the default schedule: same tensors
     if model.vae is not None:
         components["vae"] = _from_config(replace(model.vae, config=vae_config_of(recipe, model)), vae_dtype)
-    if recipe.method.train_text_encoder:
+    if recipe.method.trains_text_encoders:
         for te in model.text_encoders:
             if te.name in family.text_encoder_attrs:
                 components[te.name] = _from_config(te, dtype)
@@ -214,7 +224,7 @@ def _example_batch(recipe, family, model, dtype, vae_dtype) -> dict:
         batch["moments"] = torch.zeros(b, 2 * channels, height // factor, width // factor, dtype=dtype)
     else:
         batch["pixel_values"] = torch.zeros(b, 3, height, width, dtype=vae_dtype)
-    if not recipe.method.train_text_encoder:
+    if not recipe.method.trains_text_encoders:
         batch["text"] = family.example_text(b, config, dtype)
     return batch
 

@@ -117,7 +117,7 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
         optimizer=optimizer, lr_scheduler=schedule, accelerator=accelerator, noise_rng=rng,
         compute_dtype=adapter.compute_dtype(dtype), resolution=recipe.data.resolution,
         accumulation=recipe.train.gradient_accumulation, max_grad_norm=recipe.global_clip_norm,
-        ema=ema, trains_text=recipe.method.train_text_encoder, compile_guard=guard,
+        ema=ema, trains_text=recipe.method.trains_text_encoders, compile_guard=guard,
         prior_loss_weight=recipe.train.prior_loss_weight if recipe.prior_preservation else None,
         full_parameters=partial(full_parameters, accelerator),
     )
@@ -178,7 +178,12 @@ def plan_data(recipe, family_name: str, *, log: Callable = print, rank: int = 0,
     from sdkit.training.data import load_records
     from sdkit.training.samples import TrainDataset
 
+    from sdkit.training.adapters import make_adapter
+
     records = load_records(recipe.data, log=log, progress=progress)
+    problem = make_adapter(recipe.method).caption_problem([r.caption for r in records])
+    if problem:
+        raise UserError(problem)
     buckets = run_buckets(recipe.data, recipe.bucket_step(family_class(family_name).bucket_step))
     records, class_sets = with_class_records(recipe, records, buckets, log=log)
     dataset = TrainDataset(records, recipe.data, seed=recipe.train.seed, buckets=buckets)

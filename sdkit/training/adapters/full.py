@@ -51,6 +51,10 @@ image = pipe("{prompt}").images[0]
     def shape(self, family) -> dict:
         return {"method.type": self.kind, "method.train_text_encoder": self.method.train_text_encoder}
 
+    def caption_problem(self, captions: list[str]):
+        """What the captions lack for this method (one line), or None."""
+        return None
+
     def card_lines(self) -> list[str]:
         return []
 

@@ -80,6 +80,10 @@ image = pipe("{prompt}").images[0]
                 "method.target_modules": self.targets(family), "method.train_text_encoder": m.train_text_encoder,
                 **self.variant_shape()}
 
+    def caption_problem(self, captions: list[str]):
+        """What the captions lack for this method (one line), or None."""
+        return None
+
     def card_lines(self) -> list[str]:
         return [f"- {self.title} rank {self.method.rank}, alpha {self.method.lora_alpha}"]
 
