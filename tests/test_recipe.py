@@ -111,3 +111,16 @@ def test_readme_documents_every_recipe_field():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [key for key in field_paths() if f"`{key}`" not in readme]
     assert not missing, f"README.md does not document: {missing}"
+
+
+def test_textual_inversion_keys(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    ti = ["method.type=textual_inversion", "method.placeholder_token=<cat-toy>", "method.initializer_token=toy"]
+    recipe = load_recipe(path, ti + ["method.num_vectors=3"])
+    assert recipe.method.trains_text_encoders and not recipe.cache_used
+    assert "textual inversion" in recipe.cache_blocker()
+    assert "method.placeholder_token: textual_inversion needs one word" in error_of(path, ti[:1])
+    assert "method.placeholder_token applies to method.type textual_inversion" in error_of(path, ti[1:2])
+    assert "method.train_text_encoder applies to method.type full" in error_of(path, ti + ["method.train_text_encoder=true"])
+    sd3 = error_of(path, ti + ["method.num_vectors=2", "model.family=sd3"])
+    assert sd3.endswith("method.num_vectors: sd3 pipelines do not expand a multi-vector token in prompts; use num_vectors=1 (got 2)")

@@ -143,8 +143,9 @@ def fill_deepspeed(config: dict, recipe) -> list[str]:
         elif int(config[key]) != value:
             problems.append(f"{recipe_key}: the DeepSpeed config sets {key}: {config[key]}, the recipe {value}; "
                             f"make them equal (or leave {key} out of the config)")
-    if recipe.method.train_text_encoder:  # accelerate prepares one model under DeepSpeed
-        problems.append("method.train_text_encoder: not with DeepSpeed yet (accelerate prepares one model there, "
+    if recipe.method.trains_text_encoders:  # accelerate prepares one model under DeepSpeed
+        key = "method.train_text_encoder" if recipe.method.train_text_encoder else "method.type"
+        problems.append(f"{key}: text encoders that train do not work with DeepSpeed yet (accelerate prepares one model there, "
                         "sdkit the denoiser and each text encoder); use DDP or FSDP, or train the denoiser alone")
     if config.get("gradient_clipping", "auto") == "auto":
         if recipe.optim.max_grad_norm:
