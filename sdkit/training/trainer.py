@@ -281,9 +281,13 @@ class Trainer:
         return self.run_dir
 
     def trainable_state(self) -> dict:
-        """The denoiser's trainable weights (full: all; LoRA: the adapters), on CPU."""
-        module = self.accelerator.unwrap_model(self.step.modules[0])
-        return {k: v.detach().cpu().clone() for k, v in self.adapter.trainable_state(module).items()}
+        """The trained weights (full: all; LoRA: the adapters; textual inversion: the new rows), on
+        CPU: the denoiser's as they are named, each text encoder's behind `module{I}.`."""
+        out = {}
+        for i, module in enumerate(self.step.modules):
+            state = self.adapter.trainable_state(self.accelerator.unwrap_model(module))
+            out.update({(f"module{i}." if i else "") + k: v.detach().cpu().clone() for k, v in state.items()})
+        return out
 
     def log(self, msg: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
