@@ -110,11 +110,25 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Force a dtype (fp16, bf16, fp32)."),
     profile: bool = typer.Option(False, "--profile", help="Time text encoding, denoising and decoding; report peak memory."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser (pays off over many images)."),
+    endpoint: Optional[List[str]] = typer.Option(
+        None, "--endpoint", help="Use `sdkit serve --split` parts: one URL http://HOST:PORT/v2/models/NAME for all, "
+        "or PART=URL (text-encoder, denoiser, decoder; repeat); parts without one run here from --model.",
+    ),
 ):
     from sdkit.inference.default_model import use_model
     from sdkit.inference.generate import check_size, generate_command
 
     check_size(width, height)
+    if endpoint:
+        from sdkit.serve.endpoint_generate import endpoint_generate_command
+
+        endpoint_generate_command(
+            prompts=prompts, endpoints=endpoint, model_ref=lambda: use_model(model).ref, negative_prompt=negative_prompt,
+            steps=steps, guidance=guidance, seed=seed, width=width, height=height, num_images=num_images, out=out,
+            local_only={"--lora": lora, "--refiner": refiner, "--scheduler": scheduler, "--device": device,
+                        "--dtype": dtype, "--profile": profile, "--compile": compile, "--batch-size": batch_size > 1},
+        )
+        return
     generate_command(
         prompts=prompts, model=use_model(model).ref, lora=lora, lora_scale=lora_scale, refiner=refiner,
         negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, width=width,
@@ -260,6 +274,7 @@ def serve(
     max_batch: int = typer.Option(4, "--max-batch", help="Cap on images per request."),
     image_format: str = typer.Option("png", "--image-format", help="Default answer: png, uint8 or uint8-hwc."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the denoiser before the warm-up request."),
+    split: bool = typer.Option(False, "--split", help="Also serve NAME-text-encoder, NAME-denoiser and NAME-decoder."),
 ):
     """Serve a model over KServe's v1/v2 REST protocol (KServe's own Python model server, no Kubernetes)."""
     from sdkit.export.serve_settings import ServeSettings
@@ -268,7 +283,7 @@ def serve(
 
     serve_command(use_model(model).ref, lora=lora, refiner=refiner, name=name, host=host, port=port, workers=workers,
                   max_steps=max_steps, max_size=max_size, max_batch=max_batch, compile=compile,
-                  settings=ServeSettings(image_format=image_format))
+                  settings=ServeSettings(image_format=image_format), split=split)
 
 
 @app.command()

@@ -164,10 +164,7 @@ class DiffusionService:
         """PIL images and their seeds; image i comes from its own generator seeded seeds[i]."""
         import torch
 
-        first = job.seed if job.seed is not None else random.randrange(0, 2**31)
-        seeds = [(first + i) % (MAX_SEED + 1) for i in range(job.image_count)]
-        # CPU generators: the same seed gives the same starting noise on CPU and GPU.
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        generators, seeds = seeded_generators(job)
         kwargs = dict(
             prompt=job.prompts, num_inference_steps=job.steps, width=job.width, height=job.height,
             num_images_per_prompt=job.num_images, generator=generators,
@@ -248,6 +245,16 @@ class DiffusionService:
             logger.exception("generation failed")
             _set_status(context, idx, 500, "Internal Server Error")
             return {"code": 500, "type": "InternalServerError", "message": show(f"{type(e).__name__}: {e}")}
+
+
+def seeded_generators(job: Job) -> tuple:
+    """One generator per image and its seed: image i of a job starts from seed + i (`sdkit serve --split` too)."""
+    import torch
+
+    first = job.seed if job.seed is not None else random.randrange(0, 2**31)
+    seeds = [(first + i) % (MAX_SEED + 1) for i in range(job.image_count)]
+    # CPU generators: the same seed gives the same starting noise on CPU and GPU.
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds], seeds
 
 
 def _load_pipeline(pipeline_class, folder: str, dtype, **components):

@@ -36,7 +36,7 @@ def encode_images(images: list, image_format: str):
     return image_tensor(images, image_format).tolist()
 
 
-def _images_output(images: list, image_format: str) -> dict:
+def images_output(images: list, image_format: str) -> dict:
     if image_format == "png":
         return {"name": "images", "datatype": "BYTES", "shape": [len(images)], "data": encode_images(images, "png"),
                 "parameters": {"content_type": "base64"}}  # MLServer's name for base64-encoded bytes
@@ -63,7 +63,7 @@ def format_response(request: Request, results: list, model_name: str, model_vers
     response = {
         "model_name": model_name,
         "id": request.request_id or request_id,
-        "outputs": [_images_output(images, image_format),
+        "outputs": [images_output(images, image_format),
                     {"name": "seeds", "datatype": "INT64", "shape": [len(seeds)], "data": seeds}],
     }
     if model_version:

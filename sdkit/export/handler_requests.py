@@ -154,7 +154,7 @@ def _field_name(key: Any, where: str) -> str:
     return name
 
 
-def _canonical_fields(fields: dict, where: str) -> dict:
+def canonical_fields(fields: dict, where: str) -> dict:
     """Map aliases to field names; reject unknown keys (a typo would otherwise be ignored silently)."""
     out = {}
     for key, value in fields.items():
@@ -208,7 +208,7 @@ def make_job(prompts: list, fields: dict, limits: Limits, defaults: Defaults) ->
     )
 
 
-def _check_batch(jobs: list, limits: Limits) -> None:
+def check_batch(jobs: list, limits: Limits) -> None:
     total = sum(job.image_count for job in jobs)
     if total > limits.max_batch:
         raise RequestError(
@@ -222,7 +222,7 @@ def _job_from_object(obj: Any, where: str, limits: Limits, defaults: Defaults) -
         return make_job(_prompt_list(obj, "prompt"), {}, limits, defaults)
     if not isinstance(obj, dict):
         raise RequestError(f"{where} must be a prompt string or an object with 'prompt', got {type(obj).__name__}")
-    fields = _canonical_fields(obj, where)
+    fields = canonical_fields(obj, where)
     if "prompt" not in fields:
         raise RequestError(f"{where} has no 'prompt'")
     prompt = fields["prompt"]
@@ -280,7 +280,7 @@ def parse_v2(body: dict, limits: Limits, defaults: Defaults, *, enveloped: bool 
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError("v2 request: 'parameters' must be an object")
-    fields = _canonical_fields(parameters, "v2 parameters")
+    fields = canonical_fields(parameters, "v2 parameters")
     if "prompt" in fields:
         raise RequestError("v2 request: send the prompt as an input tensor named 'prompt', not as a parameter")
     for name, (_, values) in tensors.items():
@@ -294,7 +294,7 @@ def parse_v2(body: dict, limits: Limits, defaults: Defaults, *, enveloped: bool 
         else:
             fields[key] = values[0]
     job = make_job(prompts, fields, limits, defaults)
-    _check_batch([job], limits)
+    check_batch([job], limits)
     request_id = body.get("id")
     if request_id is not None and (not isinstance(request_id, (str, int)) or len(str(request_id)) > 256):
         raise RequestError(f"v2 request: 'id' must be a string of at most 256 characters, got {show(request_id)}")
@@ -327,11 +327,11 @@ def parse_body(body: Any, limits: Limits, defaults: Defaults) -> Request:
             raise RequestError(f"request body is not valid JSON: {show(str(e))}") from None
         if body is None:
             job = make_job([_text(text, "prompt")], {}, limits, defaults)
-            _check_batch([job], limits)
+            check_batch([job], limits)
             return Request(kind="text", jobs=[job])
     if isinstance(body, str):  # a JSON string: the prompt
         job = make_job(_prompt_list(body, "prompt"), {}, limits, defaults)
-        _check_batch([job], limits)
+        check_batch([job], limits)
         return Request(kind="text", jobs=[job])
     if not isinstance(body, dict):
         raise RequestError(f"JSON body must be an object, got {type(body).__name__}")
@@ -340,7 +340,7 @@ def parse_body(body: Any, limits: Limits, defaults: Defaults) -> Request:
     if "instances" in body:
         return parse_v1(body["instances"], limits, defaults)
     job = _job_from_object(body, "JSON request", limits, defaults)
-    _check_batch([job], limits)
+    check_batch([job], limits)
     return Request(kind="json", jobs=[job])
 
 
@@ -348,7 +348,7 @@ def parse_v1(instances: Any, limits: Limits, defaults: Defaults, *, enveloped: b
     if not isinstance(instances, list) or not instances:
         raise RequestError("v1 request: 'instances' must be a non-empty list of prompts or objects with 'prompt'")
     jobs = [_job_from_object(inst, f"instances[{i}]", limits, defaults) for i, inst in enumerate(instances)]
-    _check_batch(jobs, limits)
+    check_batch(jobs, limits)
     return Request(kind="v1", jobs=jobs, enveloped=enveloped)
 
 
@@ -401,7 +401,7 @@ def parse_form(fields: dict, limits: Limits, defaults: Defaults) -> Request:
         )
     decoded = {key: _text(value, key) if isinstance(value, (bytes, bytearray)) else value for key, value in fields.items()}
     job = _job_from_object(decoded, "form request", limits, defaults)
-    _check_batch([job], limits)
+    check_batch([job], limits)
     return Request(kind="json", jobs=[job])
 
 

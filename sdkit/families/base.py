@@ -216,6 +216,43 @@ class Family:
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         return denoiser(noisy, timesteps, **cond, return_dict=False)[0]
 
+    # --- split serving (sdkit serve --split): the pipeline's own encode_prompt, output_type="latent", decode --
+    # encode_prompt's outputs in its order; they are also the pipeline call's keywords that take them back
+    prompt_embedding_names: ClassVar[tuple[str, ...]] = ("prompt_embeds", "negative_prompt_embeds")
+
+    @classmethod
+    def encode_prompt_kwargs(cls) -> dict[str, Any]:
+        """Arguments this family's `encode_prompt` needs besides prompt and negative prompt."""
+        return {}
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompts: list, negative_prompts: Optional[list]) -> dict[str, "torch.Tensor"]:
+        """Text embeddings as the pipeline computes them, negatives always (the guidance is the denoiser's)."""
+        outputs = pipe.encode_prompt(
+            prompt=prompts, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negative_prompts, **cls.encode_prompt_kwargs(),
+        )
+        return dict(zip(cls.prompt_embedding_names, outputs))
+
+    @classmethod
+    def unscaled_latents(cls, vae, latents: "torch.Tensor") -> "torch.Tensor":
+        """The denoiser's latents back at the VAE's scale (the inverse of scale_latents)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return latents / vae.config.scaling_factor + shift
+
+    @classmethod
+    def decode_latents(cls, pipe, latents: "torch.Tensor") -> list:
+        """PIL images from `output_type="latent"` latents, as the pipeline's own call decodes them."""
+        vae = pipe.vae
+        image = vae.decode(cls.unscaled_latents(vae, latents.to(vae.device, vae.dtype)), return_dict=False)[0]
+        return cls.postprocess(pipe, image)
+
+    @staticmethod
+    def postprocess(pipe, image) -> list:
+        if getattr(pipe, "watermark", None) is not None:  # SDXL with invisible-watermark installed
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
     # --- example inputs (sdkit plan traces the real step on these) -----------------
     @classmethod
     def example_text(cls, batch: int, denoiser_config: dict, dtype) -> dict[str, "torch.Tensor"]:

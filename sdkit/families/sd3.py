@@ -48,6 +48,13 @@ class StableDiffusion3(Family):
             return {}
         return {"text_encoder_3": None, "tokenizer_3": None}  # saves ~9.5 GB in fp16 on SD3
 
+    prompt_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                              "negative_pooled_prompt_embeds")
+
+    @classmethod
+    def encode_prompt_kwargs(cls):
+        return {"prompt_2": None, "prompt_3": None}  # required by SD3's encode_prompt; None: the same prompt
+
     @property
     def t5(self):
         return self.components.get("text_encoder_3")

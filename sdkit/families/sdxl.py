@@ -91,6 +91,38 @@ class StableDiffusionXL(Family):
                 vae.to(torch.float16)
         return super().encode_images(pixels)
 
+    # --- split serving --------------------------------------------------------------
+    prompt_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                              "negative_pooled_prompt_embeds")
+
+    @classmethod
+    def unscaled_latents(cls, vae, latents):
+        import torch
+
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return latents / config.scaling_factor
+        shape = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        return latents * std / config.scaling_factor + mean
+
+    @classmethod
+    def decode_latents(cls, pipe, latents):
+        import torch
+
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and cls.upcasts_vae("fp16", dict(vae.config))
+        if not upcast:
+            return super().decode_latents(pipe, latents)
+        vae.to(torch.float32)  # as the pipeline decodes (see upcasts_vae)
+        try:
+            image = vae.decode(cls.unscaled_latents(vae, latents.to(vae.device, torch.float32)), return_dict=False)[0]
+        finally:
+            vae.to(torch.float16)
+        return cls.postprocess(pipe, image)
+
     # --- denoising ------------------------------------------------------------
     def conditioning(self, text, batch, resolution):
         pooled = text["pooled_prompt_embeds"]

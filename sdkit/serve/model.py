@@ -38,6 +38,7 @@ class ServedPipeline(kserve.Model):
         self.config = config
         self.compile = compile  # torch.compile the denoiser(s) before the warm-up (sdkit serve --compile)
         self.service = DiffusionService()
+        self.shared_split = None  # the parts of `sdkit serve --split` (sdkit.serve.split_models) share this pipeline
 
     def load(self) -> bool:
         from sdkit.families import detect_family, family_class

@@ -53,11 +53,19 @@ def model_name(model: str, name: Optional[str]) -> str:
     return check_name(name or default_name(resolve_model(model)))
 
 
-def build_models(model: str, *, name: Optional[str] = None, compile: bool = False, **kwargs) -> list:
-    """The kserve.Model objects `sdkit serve` serves: the whole pipeline."""
+def build_models(model: str, *, name: Optional[str] = None, split: bool = False, compile: bool = False,
+                 **kwargs) -> list:
+    """The kserve.Model objects `sdkit serve` serves: the whole pipeline, and with `split` its three parts
+    (NAME-text-encoder, NAME-denoiser, NAME-decoder; they share its weights). Load them in this order."""
     from sdkit.serve.model import ServedPipeline
 
-    return [ServedPipeline(model_name(model, name), pipeline_config(model, **kwargs), compile=compile)]
+    name = model_name(model, name)
+    whole = ServedPipeline(name, pipeline_config(model, **kwargs), compile=compile)
+    if not split:
+        return [whole]
+    from sdkit.serve.split_models import part_models
+
+    return [whole, *part_models(name, whole)]
 
 
 def serve_command(model: str, *, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,

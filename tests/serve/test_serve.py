@@ -1,4 +1,4 @@
-"""`sdkit serve` on KServe's own model server, started for real on 127.0.0.1 (one server per module).
+"""`sdkit serve` on KServe's own model server, started for real on 127.0.0.1 (one server for tests/serve).
 
 The same request parser as the TorchServe handler: the same caps and messages, 400 for bad values.
 """
@@ -6,12 +6,7 @@ The same request parser as the TorchServe handler: the same caps and messages, 4
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,60 +16,9 @@ pytest.importorskip("kserve")
 sys.path.insert(0, str(Path(__file__).parents[1] / "export"))
 from test_handler import HOSTILE, SEED_BODY, assert_v2_response, pngs, seed_client_image  # noqa: E402
 
-from sdkit.export.torchserve import free_ports  # noqa: E402
+from serve_helpers import get, post, without_nulls  # noqa: E402  (the `server` fixture: tests/serve/conftest.py)
 
 pytestmark = pytest.mark.slow  # a server start is ~10 s on an idle machine
-
-
-def post(url: str, body, content_type: str = "application/json"):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def without_nulls(value):
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    return [without_nulls(v) for v in value] if isinstance(value, list) else value
-
-
-def get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, ConnectionError, OSError):
-        return 0
-
-
-@pytest.fixture(scope="module")
-def server(tiny_sd, tmp_path_factory):
-    [port] = free_ports(1)
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "sdkit", "serve", str(tiny_sd), "--name", "tiny", "--port", str(port),
-           "--max-steps", "3", "--max-size", "64"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while get(f"{url}/v2/models/tiny/ready") != 200:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"sdkit serve did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url, log
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
 
 
 def test_health_and_every_protocol(server):
@@ -102,7 +46,7 @@ def test_health_and_every_protocol(server):
                           {**SEED_BODY, "parameters": {"image_format": "uint8-hwc", "seed": seed}})
     assert status == 200, answer
     np.testing.assert_array_equal(seed_client_image(answer), png)  # the seeds' client line, same pixels
-    timings = [line for line in log.read_text().splitlines() if "sdkit serve: tiny" in line]
+    timings = [line for line in log.read_text().splitlines() if "sdkit serve: tiny " in line]
     assert timings and all(part in timings[-1] for part in ("text encoding", "denoising", "VAE decoding", "whole"))
 
 

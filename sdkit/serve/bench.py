@@ -1,0 +1,137 @@
+"""Latency of a split model (`sdkit serve --split`) per part and whole, and its overhead against in-process
+generation (`sdkit generate`'s load_pipeline + make_images) with the same settings, in one command:
+
+    python -m sdkit.serve.bench --endpoint http://127.0.0.1:8080/v2/models/tiny --model TINY_FOLDER \\
+        -n 10 -k 4 --steps 25 --width 64 --height 64
+
+N sequential chains, then N more from K threads; p50/p95 seconds per part (as the client sees it: HTTP and
+JSON included), for the chain, for the whole model NAME in one request (when one URL serves every part) and
+for in-process generation (when --model is given). The overhead compares the sequential p50s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from sdkit.serve.client import SPLIT_PARTS, SplitChain, infer, percentile, split_endpoints
+
+
+def _summary(samples: list) -> dict:
+    return {"p50": statistics.median(samples), "p95": percentile(samples, 95)}
+
+
+def _timed(function, i: int) -> float:
+    started = time.perf_counter()
+    function(i)
+    return time.perf_counter() - started
+
+
+def bench_split(endpoints: dict, prompt: str, *, model: Optional[str] = None, whole_url: Optional[str] = None,
+                n: int = 10, concurrency: int = 1, **settings) -> dict:
+    """{row: {"sequential": {p50, p95}, "concurrency K": {p50, p95}}} for each part, "chain", "whole model"
+    (with `whole_url`, the server's base URL + model name as `(url, name)`) and "in-process" (with `model`);
+    plus "overhead": the chain's and the whole model's sequential p50 over the in-process one, minus 1."""
+    chain = SplitChain(endpoints, model)
+
+    def one_chain(i: int) -> dict:
+        started = time.perf_counter()
+        _, _, seconds = chain.run(prompt, **{**settings, "seed": i})
+        return {**seconds, "chain": time.perf_counter() - started}
+
+    rows: dict = {}
+
+    def record(label: str, sequential: list, concurrent: list) -> None:
+        for name in sequential[0]:
+            rows.setdefault(name, {})["sequential"] = _summary([s[name] for s in sequential])
+            rows[name][label] = _summary([s[name] for s in concurrent])
+
+    one_chain(0)  # warm-up: first-request costs are not latency
+    sequential = [one_chain(i) for i in range(n)]
+    with ThreadPoolExecutor(concurrency) as pool:
+        concurrent = list(pool.map(one_chain, range(n)))
+    label = f"concurrency {concurrency}"
+    record(label, sequential, concurrent)
+    if whole_url:
+        url, name = whole_url
+        request = lambda i: infer(url, name, prompt, **{**settings, "seed": i}, image_format="uint8")  # noqa: E731
+        request(0)
+        sequential = [{"whole model": _timed(request, i)} for i in range(n)]
+        with ThreadPoolExecutor(concurrency) as pool:
+            concurrent = [{"whole model": s} for s in pool.map(lambda i: _timed(request, i), range(n))]
+        record(label, sequential, concurrent)
+    if model:
+        rows["in-process"] = {"sequential": _summary(in_process_seconds(model, prompt, n, **settings))}
+        base = rows["in-process"]["sequential"]["p50"]
+        rows["overhead"] = {row: rows[row]["sequential"]["p50"] / base - 1 for row in ("chain", "whole model")
+                            if row in rows}
+    return rows
+
+
+def in_process_seconds(model: str, prompt: str, n: int, *, steps: int, guidance: float, width: Optional[int] = None,
+                       height: Optional[int] = None, num_images: int = 1, negative_prompt: Optional[str] = None) -> list:
+    """Seconds per `sdkit generate` image (its own loading and sampling code), after one warm-up image."""
+    import torch
+
+    from sdkit.inference.sampling import load_pipeline, make_images
+
+    pipe, _, info = load_pipeline(model)
+    width, height = info.image_size(width, height)
+
+    def one(i: int) -> None:
+        with torch.inference_mode():
+            make_images(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=i,
+                        num_images=num_images, width=width, height=height)
+
+    one(0)
+    return [_timed(one, i) for i in range(n)]
+
+
+def format_report(rows: dict, *, n: int, concurrency: int, settings: dict) -> str:
+    label = f"concurrency {concurrency}"
+    lines = [f"{n} sequential requests, then {n} from {concurrency} threads; "
+             + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None),
+             f"| {'':<14} | sequential p50 | sequential p95 | {label} p50 | {label} p95 |",
+             "|---|---|---|---|---|"]
+    for row in (*SPLIT_PARTS, "chain", "whole model", "in-process"):
+        if row in rows:
+            cells = [rows[row].get(k) for k in ("sequential", label)]
+            values = [f"{c[q]:.3f} s" if c else "-" for c in cells for q in ("p50", "p95")]
+            lines.append(f"| {row:<14} | " + " | ".join(values) + " |")
+    for row, overhead in rows.get("overhead", {}).items():
+        lines.append(f"overhead of the {row} against in-process generation at concurrency 1 (p50): {overhead:+.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdkit.serve.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoint", action="append", required=True,
+                        help="http://HOST:PORT/v2/models/NAME for every part, or PART=URL (repeat)")
+    parser.add_argument("--model", help="the model folder: parts without a URL run here, and the in-process baseline")
+    parser.add_argument("--prompt", default="a red circle on a blue square")
+    parser.add_argument("-n", type=int, default=10, help="requests per phase")
+    parser.add_argument("-k", "--concurrency", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    args = parser.parse_args(argv)
+    try:
+        endpoints = split_endpoints(args.endpoint)
+    except ValueError as e:
+        parser.error(f"--endpoint: {e}")
+    whole = None
+    if len(args.endpoint) == 1 and "=" not in args.endpoint[0].split("://")[0]:
+        base, _, name = args.endpoint[0].rstrip("/").partition("/v2/models/")
+        whole = (base, name)
+    settings = {"steps": args.steps, "guidance": args.guidance, "width": args.width, "height": args.height}
+    rows = bench_split(endpoints, args.prompt, model=args.model, whole_url=whole, n=args.n,
+                       concurrency=args.concurrency, **settings)
+    print(format_report(rows, n=args.n, concurrency=args.concurrency, settings=settings))
+
+
+if __name__ == "__main__":
+    main()
