@@ -210,6 +210,7 @@ class PhaseTimer:
         self.device = device
         self.totals = dict.fromkeys(PHASES, 0.0)
         self._handles: list = []
+        self._hooked: list = []
         self._patched: list = []
         self._loop_end: Optional[float] = None  # end of the previous denoiser call of this loop
         self._starts: dict[int, float] = {}
@@ -241,9 +242,13 @@ class PhaseTimer:
             handle.remove()
         for vae in self._patched:
             del vae.decode  # the instance attribute; the class method shows through again
-        self._handles, self._patched = [], []
+        self._handles, self._hooked, self._patched = [], [], []
 
     def _hook(self, module, phase: str) -> None:
+        if any(hooked is module for hooked in self._hooked):
+            return  # a module two pipelines share (the SDXL refiner's text_encoder_2): timed once
+        self._hooked.append(module)
+
         def before(mod, args):
             self._begin(id(mod), phase)
 
