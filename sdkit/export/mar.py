@@ -272,7 +272,7 @@ def _manifest(name: str, requirements: bool) -> str:
         from model_archiver.model_archiver_config import ModelArchiverConfig
         from model_archiver.model_packaging_utils import ModelExportUtils
     except ImportError:
-        raise UserError("--format mar needs torch-model-archiver: pip install 'sdkit[serve]'") from None
+        raise UserError("--format mar needs torch-model-archiver: pip install 'sdkit-recipes[serve]'") from None
 
     config = ModelArchiverConfig(model_name=name, handler=HANDLER_NAME, version="1.0", config_file=MODEL_CONFIG,
                                  requirements_file=REQUIREMENTS if requirements else None)

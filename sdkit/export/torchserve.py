@@ -41,7 +41,7 @@ def find_torchserve() -> str:
     beside = Path(sys.executable).parent / "torchserve"
     found = str(beside) if beside.is_file() else shutil.which("torchserve")
     if not found:
-        raise UserError("--check needs TorchServe: pip install 'sdkit[serve]' (torchserve, torch-model-archiver)")
+        raise UserError("--check needs TorchServe: pip install 'sdkit-recipes[serve]' (torchserve, torch-model-archiver)")
     java_home = os.environ.get("JAVA_HOME")
     java = Path(java_home, "bin", "java") if java_home else shutil.which("java")
     if not java or not Path(java).exists():

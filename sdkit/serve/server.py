@@ -74,7 +74,7 @@ def serve_command(model: str, *, host: str = "127.0.0.1", port: int = 8080, work
     try:
         import kserve  # noqa: F401
     except ImportError:
-        raise UserError("sdkit serve needs KServe: pip install 'sdkit[serve]'") from None
+        raise UserError("sdkit serve needs KServe: pip install 'sdkit-recipes[serve]'") from None
     _log_to_stderr()
     models = build_models(model, name=name, **kwargs)
     for m in models:
