@@ -136,7 +136,19 @@ out = sys.argv[2]
 json.dump({"seen": seen, "shapes": shapes, "steps": trainer.state.step, "world": trainer.accelerator.num_processes},
           open(f"{out}/seen-{rank}.json", "w"))
 save_file(trainer.trainable_state(), f"{out}/weights-{rank}.safetensors")
+texts = {f"{i}.{k}": v.detach().cpu().contiguous() for i, enc in enumerate(trainer.family.text_encoders)
+         if any(p.requires_grad for p in enc.parameters()) for k, v in trainer.adapter.trainable_state(enc).items()}
+save_file(texts, f"{out}/text-{rank}.safetensors")  # the trained text encoders' weights (none: empty)
 """
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train_two_cpu_ranks(tmp_path: Path, recipe: Path, port: int) -> tuple[Path, list[dict]]:

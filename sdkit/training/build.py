@@ -86,6 +86,7 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
     import torch
 
     from sdkit.training.objectives import make_objective
+    from sdkit.training.prepared import one_module, parts, parts_of
 
     if recipe.optim.fused_backward and accelerator.num_processes > 1:
         # DDP averages gradients after backward; a fused update would use this rank's alone.
@@ -102,17 +103,19 @@ def build_step(recipe, family, adapter, modules: list, accelerator, *, dtype, st
         from sdkit.training.compiled import compile_module
 
         guard = compile_module(modules[0], recipe.output_dir)
-    prepared = accelerator.prepare(*modules, optimizer, schedule)
-    modules, (optimizer, schedule) = list(prepared[: len(modules)]), prepared[len(modules):]
+    # ONE prepared module (sdkit.training.prepared): DDP syncs the text encoders' gradients with
+    # the denoiser's, DeepSpeed gets the one model it accepts.
+    model = one_module(family, modules, recipe.data.resolution, adapter.compute_dtype(dtype))
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     ema = None
     if recipe.ema_applies:
-        with full_parameters(accelerator, modules[0]) as denoiser:  # ZeRO-3/FSDP: not this rank's slice
-            ema = EMA(denoiser, recipe.train.ema_decay, device="cpu" if recipe.train.ema_on_cpu else None)
+        with full_parameters(accelerator, model) as module:  # ZeRO-3/FSDP: not this rank's slice
+            ema = EMA(parts_of(module)[0], recipe.train.ema_decay, device="cpu" if recipe.train.ema_on_cpu else None)
     # All randomness of a step (latent sampling, noise, timesteps) comes from this stream,
     # one per rank, saved in every checkpoint: resumed runs draw exactly the same numbers.
     rng = torch.Generator().manual_seed(recipe.train.seed * 1000 + accelerator.process_index)
     return TrainStep(
-        family=family, modules=modules, params=params,
+        family=family, model=model, modules=parts(accelerator, model), params=params,
         objective=make_objective(family.objective, family.scheduler_config, recipe.train),
         optimizer=optimizer, lr_scheduler=schedule, accelerator=accelerator, noise_rng=rng,
         compute_dtype=adapter.compute_dtype(dtype), resolution=recipe.data.resolution,

@@ -121,22 +121,31 @@ def full_parameters(accelerator, prepared):
 
 
 def forward_module(accelerator, prepared):
-    """The module to run forward outside the step (validation images): FSDP1 gathers weights
-    only inside its wrapper's forward; other engines run the unwrapped module."""
+    """The denoiser to run forward outside the step (validation images): FSDP1 gathers weights
+    only inside its wrapper's forward (a prepared denoiser alone: the wrapper is the denoiser);
+    other engines run the unwrapped module. A container's (sdkit.training.prepared) denoiser is
+    its first part."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return prepared if isinstance(prepared, FullyShardedDataParallel) else accelerator.unwrap_model(prepared)
+    from sdkit.training.prepared import parts
+
+    if isinstance(prepared, FullyShardedDataParallel) and len(parts(accelerator, prepared)) == 1:
+        return prepared
+    return parts(accelerator, prepared)[0]
 
 
-def gathered_modules(accelerator, prepared: list, ema=None) -> list:
-    """The trained modules with full weights on the main process (None elsewhere), the EMA
-    applied to the denoiser (first). Every rank must call this: gathering is collective."""
-    states = [accelerator.get_state_dict(m) for m in prepared]
+def gathered_modules(accelerator, prepared, ema=None) -> list:
+    """The trained modules (denoiser first) of the `prepared` module, with full weights on the
+    main process (None elsewhere), the EMA applied to the denoiser. Every rank must call this:
+    gathering is collective."""
+    from sdkit.training.prepared import parts, split_state
+
+    trained = parts(accelerator, prepared)
+    states = split_state(accelerator.get_state_dict(prepared), len(trained))
     if not accelerator.is_main_process:
-        return [None] * len(prepared)
+        return [None] * len(trained)
     modules = []
-    for i, (m, state) in enumerate(zip(prepared, states)):
-        module = accelerator.unwrap_model(m)
+    for i, (module, state) in enumerate(zip(trained, states)):
         module = getattr(module, "_orig_mod", module)  # undo torch.compile
         if shards_weights(accelerator):
             module = _with_full_weights(module, state)

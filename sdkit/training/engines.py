@@ -61,6 +61,9 @@ def check_engine(config_path: Optional[Path], config: dict, recipe) -> Engine:
     else:
         engine = Engine("DDP")
     engine.machines, engine.processes = machines, processes
+    if recipe.method.train_text_encoder:  # sdkit.training.prepared
+        engine.notes.append("the text encoders train in one prepared module with the denoiser "
+                            "(one model for the engine: their gradients sync with its)")
     if machines > 1:
         engine.notes.append("every machine must see the same output_dir (a shared file system): "
                             "the run checks it before training")
@@ -143,10 +146,6 @@ def fill_deepspeed(config: dict, recipe) -> list[str]:
         elif int(config[key]) != value:
             problems.append(f"{recipe_key}: the DeepSpeed config sets {key}: {config[key]}, the recipe {value}; "
                             f"make them equal (or leave {key} out of the config)")
-    if recipe.method.trains_text_encoders:  # accelerate prepares one model under DeepSpeed
-        key = "method.train_text_encoder" if recipe.method.train_text_encoder else "method.type"
-        problems.append(f"{key}: text encoders that train do not work with DeepSpeed yet (accelerate prepares one model there, "
-                        "sdkit the denoiser and each text encoder); use DDP or FSDP, or train the denoiser alone")
     if config.get("gradient_clipping", "auto") == "auto":
         if recipe.optim.max_grad_norm:
             config["gradient_clipping"] = recipe.optim.max_grad_norm

@@ -7,7 +7,10 @@ back-propagated; then the gradients are clipped and the optimizer, the schedule 
 step once. It returns the mean loss as a tensor on the device and never reads it back, so
 the device is synchronised only where the caller asks for the number (the log interval).
 
-Its parts come from the builders (sdkit.training.build). The `accelerator` is anything with
+Its parts come from the builders (sdkit.training.build). It calls through ONE prepared module,
+`model` (sdkit.training.prepared): the denoiser, or, when text encoders train too, a container
+whose forward runs them and the denoiser, so every trainable gradient is synced as one model's.
+The `accelerator` is anything with
 accelerate's Accelerator methods used here (accumulate, backward, clip_grad_norm_, autocast,
 unwrap_model, device, num_processes): plan passes a plain-torch stand-in. `phase(name)` is a
 context manager factory the caller may replace to time or trace the phases "data",
@@ -34,7 +37,8 @@ def no_phase(name: str):
 @dataclass
 class TrainStep:
     family: Any
-    modules: list  # trainable modules, denoiser first (as the accelerator prepared them)
+    model: Any  # what the accelerator prepared: the denoiser, or the denoiser + trained text encoders
+    modules: list  # the trainable modules in `model`, unwrapped, denoiser first
     params: list  # their trainable parameters
     objective: Any
     optimizer: Any
@@ -76,7 +80,7 @@ class TrainStep:
             # accelerate decides per micro-batch whether gradients sync (DDP/FSDP: no all-reduce
             # before the window's last; DeepSpeed: its engine steps once per window) and scales
             # the loss by its gradient_accumulation_steps, which the trainer sets to `accumulation`.
-            with acc.accumulate(*self.modules):
+            with acc.accumulate(self.model):
                 with self.phase("forward"):
                     loss = self.compute_loss(batch)
                 with self.phase("backward"):
@@ -98,16 +102,19 @@ class TrainStep:
         return self._loss(batch)
 
     def _loss(self, batch: dict):
+        from sdkit.training.prepared import predict
+
         moments, text = self._encode(batch)
         family = self.family
         latents = family.sample_latents(moments, self.noise_rng).to(self.accelerator.device)
         noisy = self.objective.noise(latents, self.noise_rng)
         dtype = self.compute_dtype
         with self.accelerator.autocast():
-            if text is None:  # trained text encoders: their forward is part of the step's graph
-                text = family.encode_text(batch["caption"])
-            cond = family.conditioning({k: v.to(dtype) for k, v in text.items()}, batch, self.resolution)
-            pred = family.predict(self.modules[0], noisy.noisy.to(dtype), noisy.timesteps, cond)
+            if text is None:  # trained text encoders: the prepared container runs them with the denoiser
+                pred = self.model(noisy.noisy.to(dtype), noisy.timesteps, batch)
+            else:
+                pred = predict(family, self.model, noisy.noisy.to(dtype), noisy.timesteps, text, batch,
+                               self.resolution, dtype)
         from sdkit.training.objectives import combine
 
         prior = batch.get("prior") if self.prior_loss_weight is not None else None
@@ -144,9 +151,11 @@ class TrainStep:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
+            from sdkit.training.prepared import parts_of
+
             gather = self.full_parameters or (lambda m: contextlib.nullcontext(acc.unwrap_model(m)))
-            with gather(self.modules[0]) as denoiser:
-                self.ema.update(denoiser, step_number)
+            with gather(self.model) as module:
+                self.ema.update(parts_of(module)[0], step_number)
 
 
 def _total_norm(params):

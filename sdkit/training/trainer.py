@@ -151,8 +151,7 @@ class Trainer:
 
     def loop(self) -> None:
         r, st = self.recipe, self.state
-        for m in self.step.modules:
-            m.train()
+        self.step.model.train()
         train_mode(self.step.optimizer)
         pending = []  # losses (device tensors) since the last log: read back only at the log interval
         started, first_step = time.perf_counter(), st.step
@@ -225,7 +224,7 @@ class Trainer:
         from sdkit.inference.sampling import make_images
 
         acc, v, family = self.accelerator, self.recipe.validation, self.family
-        denoiser = distributed.forward_module(acc, self.step.modules[0])
+        denoiser = distributed.forward_module(acc, self.step.model)
         moved = [m for m in family.frozen_modules() if m.device != acc.device]
         build.move_frozen(family, acc.device)
         was_training = denoiser.training
@@ -264,7 +263,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         with averaged_weights(self.step.optimizer):  # schedule-free: its averaged weights are the result
-            modules = distributed.gathered_modules(acc, self.step.modules, self.step.ema)  # every rank gathers
+            modules = distributed.gathered_modules(acc, self.step.model, self.step.ema)  # every rank gathers
             if acc.is_main_process:  # the result first: a failing final validation cannot lose it
                 written = self.adapter.save(self.family, modules, self.run_dir)
         if acc.is_main_process:

@@ -19,8 +19,8 @@ from sdkit.errors import UserError, first_line, shorten
 from sdkit.training.state_io import StateFormatError, load_tree, save_tree
 
 
-def _modules(acc, step) -> list:
-    return [getattr(m, "_orig_mod", m) for m in (acc.unwrap_model(m) for m in step.modules)]  # undo torch.compile
+def _modules(step) -> list:
+    return [getattr(m, "_orig_mod", m) for m in step.modules]  # undo torch.compile
 
 
 def _cpu_tensors(state: dict) -> dict:
@@ -68,7 +68,7 @@ def save(folder: Path, acc, adapter, step) -> None:
     from safetensors.torch import save_file
 
     if acc.is_main_process:
-        for i, module in enumerate(_modules(acc, step)):
+        for i, module in enumerate(_modules(step)):
             save_file(_cpu_tensors(adapter.trainable_state(module)), str(folder / f"trainable_{i}.safetensors"))
         save_tree(step.optimizer.state_dict(), folder / "optimizer")
         save_tree(step.lr_scheduler.state_dict(), folder / "scheduler")
@@ -88,7 +88,7 @@ def load(folder: Path, acc, adapter, step, *, warn) -> None:
         return path
 
     try:
-        for i, module in enumerate(_modules(acc, step)):
+        for i, module in enumerate(_modules(step)):
             adapter.load_trainable_state(module, load_file(str(need(f"trainable_{i}.safetensors"))))
         need("optimizer.json"), need("scheduler.json"), need(f"rng_{acc.process_index}.json")
         step.optimizer.load_state_dict(load_tree(folder / "optimizer"))

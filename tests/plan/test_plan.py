@@ -398,3 +398,5 @@ def test_plan_covers_every_method_and_optimizer(tiny_sd):
     adamw = optimizer_bytes(method={"type": "lora", "rank": 8})
     assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "prodigy", "lr": 1.0}) > adamw
     assert optimizer_bytes(method={"type": "lora", "rank": 8}, optim={"name": "adamw_schedulefree"}) > 0
+    # text encoders training: the step calls through one container (sdkit.training.prepared); their adapters' state shows
+    assert optimizer_bytes(method={"type": "lora", "rank": 8, "train_text_encoder": True}) > adamw

@@ -58,6 +58,13 @@ def test_deepspeed_takes_micro_batch_and_accumulation_from_the_recipe(tmp_path, 
     assert "micro-batch 2 per process, accumulation 2" in out
 
 
+def test_deepspeed_takes_text_encoder_training_as_one_model(tmp_path, capsys):
+    out = dry_run(tmp_path, "distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  zero_stage: 2\n", capsys,
+                  overrides=("train.batch_size=2", "method.train_text_encoder=true"))
+    assert "engine: DeepSpeed ZeRO-2 on 2 processes" in out
+    assert "text encoders train in one prepared module with the denoiser" in out
+
+
 @pytest.mark.parametrize("config, needle", [
     ("distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  gradient_accumulation_steps: 4\n",
      "train.gradient_accumulation: the DeepSpeed config sets gradient_accumulation_steps: 4"),

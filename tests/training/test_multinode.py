@@ -6,7 +6,6 @@ machines do not share."""
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from helpers import write_recipe
+from helpers import free_port, write_recipe
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 RESULT = "pytorch_lora_weights.safetensors"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_configs(tmp_path: Path) -> list[Path]:
