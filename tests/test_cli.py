@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,20 @@ def test_help_is_fast_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert out.stdout.strip() == "False"
     for args in (["--help"], ["train", "--help"]):
-        start = time.perf_counter()
+        # CPU seconds of the child, not wall time: the test must not fail because the machine is busy
+        # (it runs beside the other pytest worker); ~0.4 s on an idle 2-core machine.
+        before = _children_cpu_seconds()
         result = run(*args)
-        elapsed = time.perf_counter() - start
+        spent = _children_cpu_seconds() - before
         assert result.returncode == 0
-        assert elapsed < 1.0, f"sdkit {' '.join(args)} took {elapsed:.2f}s"
+        assert spent < 1.0, f"sdkit {' '.join(args)} took {spent:.2f} CPU seconds"
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 @pytest.mark.parametrize(

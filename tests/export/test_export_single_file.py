@@ -116,7 +116,9 @@ def test_single_file_loads_with_from_single_file_and_gives_the_same_image(
             theirs = getattr(loaded, name).state_dict()
             for key, value in component.state_dict().items():
                 assert torch.equal(value, theirs[key]), f"{name}.{key}"
-    np.testing.assert_allclose(pipe_image(loaded, 64), pipe_image(base, 64), atol=1e-5)
+    # Equal weights; the two pipelines still differ by float rounding (1.7e-5 measured for sd2 with one
+    # thread), far below one grey level (3.9e-3).
+    np.testing.assert_allclose(pipe_image(loaded, 64), pipe_image(base, 64), atol=1e-4)
 
 
 def test_single_file_sdxl_refiner_round_trips(tiny_sdxl_refiner, tmp_path):
