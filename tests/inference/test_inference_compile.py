@@ -34,22 +34,28 @@ def test_generate_compiled_matches_eager(tiny_sd, tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_compile_warns_once_and_generates_eagerly(tiny_sd, tmp_path, monkeypatch):
+def test_failed_compile_warns_once_and_generates_eagerly(tiny_sd, tmp_path):
     """No C++ compiler for inductor (a real failure on machines without one). Inductor's
     in-memory caches are cleared before (kernels built by an earlier test would not need the
     compiler) and after (the failure must not stay behind for later tests)."""
+    import torch._dynamo
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import clear_caches
 
-    eager = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "eager", **FAST))
-    with monkeypatch.context() as patch, warnings.catch_warnings(record=True) as caught:
-        patch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-        patch.setattr(inductor_config, "fx_graph_cache", False)
-        patch.setattr("torch._functorch.config.enable_autograd_cache", False)
+    def forget_compiled():  # dynamo's compiled frames and inductor's kernels, as in a new process
+        torch._dynamo.reset()
         clear_caches()
+
+    eager = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "eager", **FAST))
+    import torch._functorch.config as functorch_config
+
+    # torch's own config patch: pytest's monkeypatch deletes a torch config entry when it undoes.
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            functorch_config.patch(enable_autograd_cache=False), warnings.catch_warnings(record=True) as caught:
+        forget_compiled()
         warnings.simplefilter("always")
         failed = _pixels(generate_command(model=str(tiny_sd), out=tmp_path / "failed", compile=True, **FAST))
-    clear_caches()
+    forget_compiled()
     ours = [w for w in caught if "--compile" in str(w.message)]
     assert len(ours) == 1 and "going on eagerly" in str(ours[0].message)
     assert np.array_equal(failed, eager)

@@ -55,23 +55,28 @@ def test_auto_compiles_long_runs_on_cuda_only(tiny_sd, image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_failure_warns_once_and_trains_eagerly(tiny_sd, image_folder, tmp_path, monkeypatch):
+def test_compile_failure_warns_once_and_trains_eagerly(tiny_sd, image_folder, tmp_path):
     """No C++ compiler for inductor (a real failure on machines without one): one warning naming
-    the reason, then eager steps with the same losses as an eager run. First in this file: later
-    compiles would leave kernels in inductor's in-memory cache."""
+    the reason, then eager steps with the same losses as an eager run."""
+    import torch._dynamo
     import torch._inductor.config as inductor_config
+    from torch._inductor.utils import clear_caches
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    torch._dynamo.reset()  # nothing compiled earlier in this process may spare the compiler
+    clear_caches()
     eager = _losses(_trainer(tmp_path, tiny_sd, image_folder, "eager", compile=False))
     trainer = _trainer(tmp_path, tiny_sd, image_folder, "failing")
-    with warnings.catch_warnings(record=True) as caught:
+    # torch's own config patch: pytest's monkeypatch deletes a torch config entry when it undoes.
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         losses = _losses(trainer)
     ours = [w for w in caught if "train.compile" in str(w.message)]
     assert len(ours) == 1 and "training goes on eagerly" in str(ours[0].message)
     assert trainer.step.compile_guard.failure
     assert losses == pytest.approx(eager, abs=1e-6)
+    torch._dynamo.reset()  # the failed compile stays behind for no later test
+    clear_caches()
 
 
 @pytest.mark.slow

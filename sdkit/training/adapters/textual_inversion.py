@@ -97,6 +97,9 @@ Or `sdkit generate "{prompt}" --model {base} --embedding {run}`; A1111/ComfyUI: 
             encoder.set_input_embeddings(AddedTokenEmbedding(base, ids, initial))
         return [family.denoiser, *family.text_encoders]
 
+    def prepare_trace(self, modules: list) -> None:
+        """Nothing to prepare for `sdkit plan`'s fake-tensor trace."""
+
     def compute_dtype(self, weight_dtype):
         """The frozen denoiser runs in the weight dtype; its inputs match it."""
         return weight_dtype
