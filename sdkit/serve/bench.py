@@ -4,7 +4,8 @@ generation (`sdkit generate`'s load_pipeline + make_images) with the same settin
     python -m sdkit.serve.bench --endpoint http://127.0.0.1:8080/v2/models/tiny --model TINY_FOLDER \\
         -n 10 -k 4 --steps 25 --width 64 --height 64
 
-N sequential chains, then N more from K threads; p50/p95 seconds per part (as the client sees it: HTTP and
+N sequential rounds (a chain, the whole model and in-process generation in turn), then N chains and
+N whole-model requests from K threads; p50/p95 seconds per part (as the client sees it: HTTP and
 JSON included), for the chain, for the whole model NAME in one request (when one URL serves every part) and
 for in-process generation (when --model is given). The overhead compares the sequential p50s.
 """
@@ -34,7 +35,11 @@ def bench_split(endpoints: dict, prompt: str, *, model: Optional[str] = None, wh
                 n: int = 10, concurrency: int = 1, **settings) -> dict:
     """{row: {"sequential": {p50, p95}, "concurrency K": {p50, p95}}} for each part, "chain", "whole model"
     (with `whole_url`, the server's base URL + model name as `(url, name)`) and "in-process" (with `model`);
-    plus "overhead": the chain's and the whole model's sequential p50 over the in-process one, minus 1."""
+    plus "overhead": the chain's and the whole model's sequential p50 over the in-process one, minus 1.
+
+    The sequential requests are interleaved, one of each way per round (in turn first), so that a machine
+    slowing down or speeding up during the bench weighs on every way alike: on a shared machine the
+    speed drifts by tens of percent over minutes, more than the overhead measured."""
     chain = SplitChain(endpoints, model)
 
     def one_chain(i: int) -> dict:
@@ -42,38 +47,42 @@ def bench_split(endpoints: dict, prompt: str, *, model: Optional[str] = None, wh
         _, _, seconds = chain.run(prompt, **{**settings, "seed": i})
         return {**seconds, "chain": time.perf_counter() - started}
 
-    rows: dict = {}
-
-    def record(label: str, sequential: list, concurrent: list) -> None:
-        for name in sequential[0]:
-            rows.setdefault(name, {})["sequential"] = _summary([s[name] for s in sequential])
-            rows[name][label] = _summary([s[name] for s in concurrent])
-
-    one_chain(0)  # warm-up: first-request costs are not latency
-    sequential = [one_chain(i) for i in range(n)]
-    with ThreadPoolExecutor(concurrency) as pool:
-        concurrent = list(pool.map(one_chain, range(n)))
-    label = f"concurrency {concurrency}"
-    record(label, sequential, concurrent)
+    ways = {"chain": one_chain}
     if whole_url:
         url, name = whole_url
         request = lambda i: infer(url, name, prompt, **{**settings, "seed": i}, image_format="uint8")  # noqa: E731
-        request(0)
-        sequential = [{"whole model": _timed(request, i)} for i in range(n)]
-        with ThreadPoolExecutor(concurrency) as pool:
-            concurrent = [{"whole model": s} for s in pool.map(lambda i: _timed(request, i), range(n))]
-        record(label, sequential, concurrent)
+        ways["whole model"] = lambda i: {"whole model": _timed(request, i)}
     if model:
-        rows["in-process"] = {"sequential": _summary(in_process_seconds(model, prompt, n, **settings))}
+        ways["in-process"] = in_process_runner(model, prompt, **settings)
+    for way in ways.values():
+        way(0)  # warm-up: first-request costs are not latency
+    sequential: dict = {label: [] for label in ways}
+    labels = list(ways)
+    for i in range(n):
+        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+            sequential[label].append(ways[label](i))
+
+    rows: dict = {}
+    label = f"concurrency {concurrency}"
+    for way, samples in sequential.items():
+        for row in samples[0]:
+            rows.setdefault(row, {})["sequential"] = _summary([s[row] for s in samples])
+        if way == "in-process":  # one pipeline in this process: concurrency is the server's business
+            continue
+        with ThreadPoolExecutor(concurrency) as pool:
+            concurrent = list(pool.map(ways[way], range(n)))
+        for row in concurrent[0]:
+            rows[row][label] = _summary([s[row] for s in concurrent])
+    if model:
         base = rows["in-process"]["sequential"]["p50"]
         rows["overhead"] = {row: rows[row]["sequential"]["p50"] / base - 1 for row in ("chain", "whole model")
                             if row in rows}
     return rows
 
 
-def in_process_seconds(model: str, prompt: str, n: int, *, steps: int, guidance: float, width: Optional[int] = None,
-                       height: Optional[int] = None, num_images: int = 1, negative_prompt: Optional[str] = None) -> list:
-    """Seconds per `sdkit generate` image (its own loading and sampling code), after one warm-up image."""
+def in_process_runner(model: str, prompt: str, *, steps: int, guidance: float, width: Optional[int] = None,
+                      height: Optional[int] = None, num_images: int = 1, negative_prompt: Optional[str] = None):
+    """i -> {"in-process": seconds} for one `sdkit generate` image (its own loading and sampling code)."""
     import torch
 
     from sdkit.inference.sampling import load_pipeline, make_images
@@ -86,13 +95,12 @@ def in_process_seconds(model: str, prompt: str, n: int, *, steps: int, guidance:
             make_images(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=i,
                         num_images=num_images, width=width, height=height)
 
-    one(0)
-    return [_timed(one, i) for i in range(n)]
+    return lambda i: {"in-process": _timed(one, i)}
 
 
 def format_report(rows: dict, *, n: int, concurrency: int, settings: dict) -> str:
     label = f"concurrency {concurrency}"
-    lines = [f"{n} sequential requests, then {n} from {concurrency} threads; "
+    lines = [f"{n} sequential rounds (one request each way, interleaved), then {n} from {concurrency} threads; "
              + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None),
              f"| {'':<14} | sequential p50 | sequential p95 | {label} p50 | {label} p95 |",
              "|---|---|---|---|---|"]
