@@ -206,6 +206,7 @@ def export(
     no_requirements: bool = typer.Option(
         False, "--no-requirements", help="mar: no requirements.txt / per-model pip install (the image has diffusers)."
     ),
+    split: bool = typer.Option(False, "--split", help="kserve: serve the text encoder, denoiser and decoder too."),
     single_file: bool = typer.Option(False, "--single-file", help="safetensors: one original-layout checkpoint."),
     lora_format: str = typer.Option("peft", "--lora-format", help="safetensors LoRA: peft (diffusers) or kohya."),
     fuse_lora: bool = typer.Option(False, "--fuse-lora", help="Merge the LoRA into the base weights."),
@@ -226,7 +227,7 @@ def export(
         format=format, model=use_model(model).ref, out=str(out) if out else None, lora=lora, refiner=refiner, name=name, dtype=dtype,
         single_file=single_file, lora_format=lora_format, fuse_lora=fuse_lora, lora_scale=lora_scale,
         force=force, archive_format=archive_format, check=check, max_steps=max_steps, max_size=max_size,
-        max_batch=max_batch, settings=settings,
+        max_batch=max_batch, settings=settings, split=split,
     )
     for path in written or []:
         typer.echo(f"wrote {path}")

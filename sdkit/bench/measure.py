@@ -66,16 +66,34 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def compile_seconds() -> float:
-    """Seconds torch.compile has spent in this process so far (dynamo, AOTAutograd, inductor;
-    a lazily lowered backward included), from torch's own counters; 0 before any compile."""
-    import sys
+_compile_clock = {"seconds": 0.0, "started": None, "installed": False}
 
-    utils = sys.modules.get("torch._dynamo.utils")
-    if utils is None:
-        return 0.0
-    metrics = utils.compilation_time_metrics
-    return sum(metrics.get("_compile.compile_inner", [])) + sum(metrics.get("compile_fx.<locals>.bw_compiler", []))
+
+def start_compile_clock() -> None:
+    """Count torch.compile's wall time from now on, through dynamo's compile callbacks: they fire for the
+    outermost compile only (a frame, or a backward lowered lazily in the first backward pass), so nested
+    work is not counted twice, as summing torch's per-function timers does (642 s against a 412 s first step
+    for the tiny SD 1.5-structure UNet with gradient checkpointing)."""
+    if _compile_clock["installed"]:
+        return
+    from torch._dynamo.callback import on_compile_end, on_compile_start
+
+    def started(_args) -> None:
+        _compile_clock["started"] = time.perf_counter()
+
+    def ended(_args) -> None:
+        if _compile_clock["started"] is not None:
+            _compile_clock["seconds"] += time.perf_counter() - _compile_clock["started"]
+            _compile_clock["started"] = None
+
+    on_compile_start(started)
+    on_compile_end(ended)
+    _compile_clock["installed"] = True
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process since start_compile_clock()."""
+    return _compile_clock["seconds"]
 
 
 def reset_peak_memory() -> None:

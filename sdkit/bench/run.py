@@ -30,7 +30,8 @@ from typing import Optional
 
 from sdkit.bench.baseline import PLAIN_LABEL, PlainLoopRunner, check_plain_loop_supported
 from sdkit.bench.measure import (
-    CLOCKS, Measurement, PhaseTimer, _now, compile_seconds, cuda, peak_memory, reset_peak_memory, sync,
+    CLOCKS, Measurement, PhaseTimer, _now, compile_seconds, cuda, peak_memory, reset_peak_memory,
+    start_compile_clock, sync,
 )
 from sdkit.bench.report import print_report
 from sdkit.errors import UserError
@@ -234,7 +235,8 @@ def _interleaved(variants, recipe_path, steps, warmup, rounds, root, console) ->
 
 
 def _warm_up(runner, m: Measurement, timer: PhaseTimer, warmup: int) -> None:
-    """Warm-up steps; the first one's latency and the compile time (torch's own counters) apart."""
+    """Warm-up steps; the first one's latency and the compile time (dynamo's compile callbacks) apart."""
+    start_compile_clock()
     compiled_before = compile_seconds()
     _run_steps(runner, m, timer, warmup)
     if m.step_s["wall"]:

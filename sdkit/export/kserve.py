@@ -2,7 +2,7 @@
 
     OUT/model/               the diffusers folder (safetensors only; a LoRA fused in)
     OUT/app/                 sdkit's source and pyproject.toml, installed with its `serve` extra
-    OUT/Dockerfile           entrypoint `sdkit serve /models/NAME --host 0.0.0.0 --port 8080`
+    OUT/Dockerfile           entrypoint `sdkit serve /models/NAME --host 0.0.0.0 --port 8080` (--split: the parts too)
     OUT/inference-service.yaml  a KServe InferenceService with that image as its predictor container
 
 Build and push the image (`docker build -t REGISTRY/NAME OUT`), set the image in the YAML, apply it.
@@ -22,7 +22,7 @@ BASE_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"  # torch built for 
 
 def export_kserve(model, out: Path, *, name: str, lora: Optional[str], lora_scale: float, dtype: Optional[str],
                   max_steps: int, max_size: int, max_batch: int, image_format: str = "png",
-                  force: bool = False) -> list[Path]:
+                  force: bool = False, split: bool = False) -> list[Path]:
     from sdkit.export.mar import stage_pipeline
 
     source = _sdkit_source()
@@ -33,7 +33,7 @@ def export_kserve(model, out: Path, *, name: str, lora: Optional[str], lora_scal
         shutil.copyfile(source / "pyproject.toml", app / "pyproject.toml")
         (app / "README.md").write_text("sdkit, as shipped by `sdkit export --format kserve`.\n")
         args = ["--max-steps", str(max_steps), "--max-size", str(max_size), "--max-batch", str(max_batch),
-                "--image-format", image_format]
+                "--image-format", image_format, *(["--split"] if split else [])]
         (stage / "Dockerfile").write_text(dockerfile(name, args))
         (stage / "inference-service.yaml").write_text(inference_service(name))
     return [Path(out), Path(out) / "Dockerfile", Path(out) / "inference-service.yaml"]

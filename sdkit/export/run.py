@@ -88,10 +88,12 @@ def export_command(
     max_size: int = 1024,
     max_batch: int = 4,
     settings=None,
+    split: bool = False,
 ) -> list[Path]:
     """Export `model` (+ LoRA) in `format`; returns the paths written. Without `out`: export/NAME/.
 
     settings: a ServeSettings (generation defaults, refiner, timeouts, requirements) for --format mar.
+    split: --format kserve serves the text encoder, denoiser and decoder as models of their own too.
     dtype None: fp16 for safetensors; for mar, local safetensors as stored (others re-saved fp32).
     """
     from sdkit.export.mar import ARCHIVE_FORMATS
@@ -134,7 +136,9 @@ def export_command(
         return export_kserve(resolved, out_path, name=name or default_name(resolved),
                              lora=_local_lora(lora_ref), lora_scale=lora_scale, dtype=dtype, max_steps=max_steps,
                              max_size=max_size, max_batch=max_batch, image_format=settings.image_format,
-                             force=refuse_existing(out_path, force))
+                             force=refuse_existing(out_path, force), split=split)
+    if split:
+        raise UserError("--split: only used with --format kserve")
     if refiner:
         raise UserError("--refiner: only used with --format mar")
     if check:

@@ -89,5 +89,7 @@ def test_bench_reports_compile_time_and_first_step_apart(recipe):
                        compare=["train.compile=true"])
     eager, compiled = report["variants"]
     assert eager["compile_s"] == 0 and eager["first_step_s"] > 0
-    assert compiled["compile_s"] > 0 and compiled["first_step_s"] > compiled["compile_s"] * 0.5
+    # One warm-up step: the compile lies inside it (counted once, however deep torch's compile nests) and is
+    # most of it.
+    assert 0.5 * compiled["first_step_s"] < compiled["compile_s"] <= compiled["first_step_s"]
     assert compiled["first_step_s"] > 1.0 / compiled["steps_per_s"]  # steady steps exclude the compile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from sdkit.export.run import export_command
@@ -28,3 +29,13 @@ def test_kserve_export_writes_what_a_cluster_needs(tiny_sd, tmp_path):
     [container] = service["spec"]["predictor"]["containers"]
     assert container["ports"][0]["containerPort"] == 8080
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/tiny/ready"
+
+
+def test_kserve_export_with_split_serves_the_parts_too(tiny_sd, tmp_path):
+    out = tmp_path / "kserve-split"
+    export_command(format="kserve", model=str(tiny_sd), out=str(out), name="tiny", split=True)
+    assert '"--image-format", "png", "--split"]' in (out / "Dockerfile").read_text()
+    from sdkit.errors import UserError
+
+    with pytest.raises(UserError, match="--split: only used with --format kserve"):
+        export_command(format="safetensors", model=str(tiny_sd), out=str(tmp_path / "st"), split=True)
