@@ -397,8 +397,14 @@ def test_torchserve_serves_every_request_shape(store):
             codes = [code for code, _ in results]
             assert codes == [200] + [400] * len(chunk) + [200], [r[1][:200] for r in results]
             assert all(len(answer) < 1000 for _, answer in results[1:-1])  # echoed values cut short
-        status, body, _ = server.post_text("/predictions/seeds", "a" * 2_000_000)
-        assert status == 413  # over max_request_size: TorchServe's frontend refuses it before any worker
+        # Over max_request_size: TorchServe's frontend answers 413 before any worker sees it. It may close the
+        # connection while the client still sends the 2 MB, and the reset can swallow the answer (status 0, seen
+        # once in CI); the 413 is asserted on the first attempt that reads an answer.
+        for _ in range(5):
+            status, body, _ = server.post_text("/predictions/seeds", "a" * 2_000_000)
+            if status:
+                break
+        assert status == 413
 
         status, body, _ = server.post_text("/predictions/tiny", "still serving")  # the worker survived
         assert status == 200 and len(pngs(_json(body)["images"])) == 1
