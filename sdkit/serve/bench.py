@@ -13,22 +13,11 @@ for in-process generation (when --model is given). The overhead compares the seq
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from sdkit.serve.client import SPLIT_PARTS, SplitChain, infer, percentile, split_endpoints
-
-
-def _summary(samples: list) -> dict:
-    return {"p50": statistics.median(samples), "p95": percentile(samples, 95)}
-
-
-def _timed(function, i: int) -> float:
-    started = time.perf_counter()
-    function(i)
-    return time.perf_counter() - started
+from sdkit.serve.client import SPLIT_PARTS, SplitChain, infer, latency_summary, split_endpoints, timed
 
 
 def bench_split(endpoints: dict, prompt: str, *, model: Optional[str] = None, whole_url: Optional[str] = None,
@@ -51,7 +40,7 @@ def bench_split(endpoints: dict, prompt: str, *, model: Optional[str] = None, wh
     if whole_url:
         url, name = whole_url
         request = lambda i: infer(url, name, prompt, **{**settings, "seed": i}, image_format="uint8")  # noqa: E731
-        ways["whole model"] = lambda i: {"whole model": _timed(request, i)}
+        ways["whole model"] = lambda i: {"whole model": timed(request, i)}
     if model:
         ways["in-process"] = in_process_runner(model, prompt, **settings)
     for way in ways.values():
@@ -66,13 +55,13 @@ def bench_split(endpoints: dict, prompt: str, *, model: Optional[str] = None, wh
     label = f"concurrency {concurrency}"
     for way, samples in sequential.items():
         for row in samples[0]:
-            rows.setdefault(row, {})["sequential"] = _summary([s[row] for s in samples])
+            rows.setdefault(row, {})["sequential"] = latency_summary([s[row] for s in samples])
         if way == "in-process":  # one pipeline in this process: concurrency is the server's business
             continue
         with ThreadPoolExecutor(concurrency) as pool:
             concurrent = list(pool.map(ways[way], range(n)))
         for row in concurrent[0]:
-            rows[row][label] = _summary([s[row] for s in concurrent])
+            rows[row][label] = latency_summary([s[row] for s in concurrent])
     if model:
         base = rows["in-process"]["sequential"]["p50"]
         rows["overhead"] = {row: rows[row]["sequential"]["p50"] / base - 1 for row in ("chain", "whole model")
@@ -95,7 +84,7 @@ def in_process_runner(model: str, prompt: str, *, steps: int, guidance: float, w
             make_images(pipe, prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=i,
                         num_images=num_images, width=width, height=height)
 
-    return lambda i: {"in-process": _timed(one, i)}
+    return lambda i: {"in-process": timed(one, i)}
 
 
 def format_report(rows: dict, *, n: int, concurrency: int, settings: dict) -> str:

@@ -18,6 +18,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from sdkit.serve.split import DENOISER_SETTINGS, PARTS as SPLIT_PARTS  # no torch at import
+
 
 class ServerError(RuntimeError):
     def __init__(self, status: int, message: str):
@@ -72,12 +74,21 @@ def percentile(values: list, q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def latency_summary(seconds: list) -> dict:
+    return {"p50": statistics.median(seconds), "p95": percentile(seconds, 95)}
+
+
+def timed(function, *args) -> float:
+    """Seconds `function(*args)` took."""
+    started = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - started
+
+
 def bench(url: str, model: str, prompt: str, *, n: int = 10, concurrency: int = 1, **parameters) -> dict:
     """n sequential requests, then n more from `concurrency` threads; p50/p95 whole latency in seconds."""
     def one(i: int) -> float:
-        started = time.perf_counter()
-        infer(url, model, prompt, seed=i, **parameters)
-        return time.perf_counter() - started
+        return timed(lambda: infer(url, model, prompt, seed=i, **parameters))
 
     sequential = [one(i) for i in range(n)]
     started = time.perf_counter()
@@ -85,9 +96,8 @@ def bench(url: str, model: str, prompt: str, *, n: int = 10, concurrency: int = 
         concurrent = list(pool.map(one, range(n)))
     wall = time.perf_counter() - started
     return {
-        "sequential": {"p50": statistics.median(sequential), "p95": percentile(sequential, 95)},
-        f"concurrency {concurrency}": {"p50": statistics.median(concurrent), "p95": percentile(concurrent, 95),
-                                        "requests/s": n / wall},
+        "sequential": latency_summary(sequential),
+        f"concurrency {concurrency}": {**latency_summary(concurrent), "requests/s": n / wall},
     }
 
 
@@ -96,8 +106,6 @@ def bench(url: str, model: str, prompt: str, *, n: int = 10, concurrency: int = 
 # A part's URL is the model's: http://HOST:PORT/v2/models/NAME (the parts are NAME-text-encoder ...), or the
 # part's own http://HOST:PORT/v2/models/NAME-denoiser.
 
-SPLIT_PARTS = ("text-encoder", "denoiser", "decoder")  # sdkit.serve.split.PARTS, without importing torch
-DENOISER_SETTINGS = ("steps", "guidance", "seed", "width", "height", "num_images")
 
 
 def part_infer_url(url: str, part: str) -> str:

@@ -17,13 +17,13 @@ whole pipeline's images for the same seed. Requests go through the whole model's
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from sdkit.export.handler_answers import images_output
 from sdkit.export.handler_requests import (
     RequestError, canonical_fields, check_batch, make_job, parse_safely, parse_v2, show,
 )
-from sdkit.serve.tensors import check_shape, from_v2, to_v2
+from sdkit.serve.tensors import check_shape, from_v2, tensor_field as _get, to_v2
 
 PARTS = ("text-encoder", "denoiser", "decoder")
 DENOISER_SETTINGS = ("steps", "guidance", "seed", "width", "height", "num_images")
@@ -31,10 +31,6 @@ DENOISER_SETTINGS = ("steps", "guidance", "seed", "width", "height", "num_images
 
 def part_model_name(name: str, part: str) -> str:
     return f"{name}-{part}"
-
-
-def _get(tensor: Any, key: str):
-    return tensor.get(key) if isinstance(tensor, dict) else getattr(tensor, key, None)
 
 
 class SplitPipeline:

@@ -28,11 +28,11 @@ def from_v2(tensor: Any):
     import numpy as np
     import torch
 
-    name = _get(tensor, "name")
-    datatype = _get(tensor, "datatype")
+    name = tensor_field(tensor, "name")
+    datatype = tensor_field(tensor, "datatype")
     if datatype not in FLOAT_TYPES:
         raise RequestError(f"input {show(name)} must be FP32 (or FP16/FP64), got datatype {show(datatype)}")
-    shape = _get(tensor, "shape")
+    shape = tensor_field(tensor, "shape")
     if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or \
             not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise RequestError(f"input {show(name)} has shape {show(shape)}; give its sizes, e.g. [1, 77, 768]")
@@ -58,7 +58,8 @@ def check_shape(name: str, tensor, expected: tuple, max_batch: int, what: str = 
                            f"{max_batch}{what}")
 
 
-def _get(tensor: Any, key: str) -> Optional[Any]:
+def tensor_field(tensor: Any, key: str) -> Optional[Any]:
+    """A field of a v2 tensor given as a JSON dict or as KServe's InferInput/InferOutput."""
     if isinstance(tensor, dict):
         return tensor.get(key)
     return getattr(tensor, key, None)
