@@ -66,34 +66,33 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-_compile_clock = {"seconds": 0.0, "started": None, "installed": False}
+@contextlib.contextmanager
+def compile_clock():
+    """Yields [seconds]: the wall time torch.compile spends inside the block, counted through dynamo's
+    compile callbacks. They fire for the outermost compile only (a frame, or a backward lowered lazily in
+    the first backward pass), so nested work is not counted twice, as summing torch's per-function timers
+    does (642 s against a 412 s first step for the tiny SD 1.5-structure UNet with gradient checkpointing).
+    Registered for the block alone: torch._dynamo.reset() drops every callback."""
+    from torch._dynamo.callback import callback_handler
 
+    spent, started = [0.0], []
 
-def start_compile_clock() -> None:
-    """Count torch.compile's wall time from now on, through dynamo's compile callbacks: they fire for the
-    outermost compile only (a frame, or a backward lowered lazily in the first backward pass), so nested
-    work is not counted twice, as summing torch's per-function timers does (642 s against a 412 s first step
-    for the tiny SD 1.5-structure UNet with gradient checkpointing)."""
-    if _compile_clock["installed"]:
-        return
-    from torch._dynamo.callback import on_compile_end, on_compile_start
+    def start(_args) -> None:
+        started.append(time.perf_counter())
 
-    def started(_args) -> None:
-        _compile_clock["started"] = time.perf_counter()
+    def end(_args) -> None:
+        if started:  # a compile already under way when the block began has no start here
+            spent[0] += time.perf_counter() - started.pop()
 
-    def ended(_args) -> None:
-        if _compile_clock["started"] is not None:
-            _compile_clock["seconds"] += time.perf_counter() - _compile_clock["started"]
-            _compile_clock["started"] = None
-
-    on_compile_start(started)
-    on_compile_end(ended)
-    _compile_clock["installed"] = True
-
-
-def compile_seconds() -> float:
-    """Seconds torch.compile has spent in this process since start_compile_clock()."""
-    return _compile_clock["seconds"]
+    callback_handler.register_start_callback(start)
+    callback_handler.register_end_callback(end)
+    try:
+        yield spent
+    finally:
+        for remove, callback in ((callback_handler.remove_start_callback, start),
+                                 (callback_handler.remove_end_callback, end)):
+            with contextlib.suppress(ValueError):  # already gone after a torch._dynamo.reset()
+                remove(callback)
 
 
 def reset_peak_memory() -> None:

@@ -11,7 +11,7 @@ as `sdkit train` sets it up: no second training loop. The plain loop (sdkit.benc
 is the reference to compare against.
 
 Compiling (train.compile) happens in the first step: the report gives the first step's latency
-and the compile time (torch's own counters) apart from the steady steps/s, which counts only the
+and the compile time (dynamo's compile callbacks) apart from the steady steps/s, which counts only the
 timed steps after the warm-up. `train.compile: auto` is decided for the run the recipe describes
 (its max_steps), not for the bench's few steps.
 """
@@ -30,8 +30,7 @@ from typing import Optional
 
 from sdkit.bench.baseline import PLAIN_LABEL, PlainLoopRunner, check_plain_loop_supported
 from sdkit.bench.measure import (
-    CLOCKS, Measurement, PhaseTimer, _now, compile_seconds, cuda, peak_memory, reset_peak_memory,
-    start_compile_clock, sync,
+    CLOCKS, Measurement, PhaseTimer, _now, compile_clock, cuda, peak_memory, reset_peak_memory, sync,
 )
 from sdkit.bench.report import print_report
 from sdkit.errors import UserError
@@ -236,12 +235,11 @@ def _interleaved(variants, recipe_path, steps, warmup, rounds, root, console) ->
 
 def _warm_up(runner, m: Measurement, timer: PhaseTimer, warmup: int) -> None:
     """Warm-up steps; the first one's latency and the compile time (dynamo's compile callbacks) apart."""
-    start_compile_clock()
-    compiled_before = compile_seconds()
-    _run_steps(runner, m, timer, warmup)
+    with compile_clock() as compiling:
+        _run_steps(runner, m, timer, warmup)
     if m.step_s["wall"]:
         m.first_step_s = m.step_s["wall"][0]
-    m.compile_s = compile_seconds() - compiled_before
+    m.compile_s = compiling[0]
 
 
 def _measure_alone(runner, steps: int, warmup: int) -> Measurement:
