@@ -36,6 +36,11 @@ def encode_images(images: list, image_format: str):
     return image_tensor(images, image_format).tolist()
 
 
+def seeds_output(seeds: list) -> dict:
+    """The v2 `seeds` output: one INT64 per image, so a client can reproduce any of them."""
+    return {"name": "seeds", "datatype": "INT64", "shape": [len(seeds)], "data": list(seeds)}
+
+
 def images_output(images: list, image_format: str) -> dict:
     if image_format == "png":
         return {"name": "images", "datatype": "BYTES", "shape": [len(images)], "data": encode_images(images, "png"),
@@ -64,7 +69,7 @@ def format_response(request: Request, results: list, model_name: str, model_vers
         "model_name": model_name,
         "id": request.request_id or request_id,
         "outputs": [images_output(images, image_format),
-                    {"name": "seeds", "datatype": "INT64", "shape": [len(seeds)], "data": seeds}],
+                    seeds_output(seeds)],
     }
     if model_version:
         response["model_version"] = model_version

@@ -9,6 +9,8 @@ the model learns what a crop looks like, and sampling asks for an uncropped full
 
 from __future__ import annotations
 
+import contextlib
+
 from sdkit.errors import UserError
 from sdkit.families.base import Family
 from sdkit.families.sd import clip_token_ids, cross_attention_width
@@ -80,16 +82,23 @@ class StableDiffusionXL(Family):
         return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
 
     def encode_images(self, pixels):
+        with self.fp32_vae(self.vae):  # encode as the pipeline decodes
+            return super().encode_images(pixels)
+
+    @classmethod
+    @contextlib.contextmanager
+    def fp32_vae(cls, vae):
+        """The VAE in fp32 for the block when it is fp16 and upcasts (see upcasts_vae), as the pipeline does."""
         import torch
 
-        vae = self.vae
-        if self.upcasts_vae("fp16" if vae.dtype == torch.float16 else "", dict(vae.config)):
-            vae.to(torch.float32)  # encode as the pipeline decodes (see upcasts_vae)
-            try:
-                return super().encode_images(pixels)
-            finally:
-                vae.to(torch.float16)
-        return super().encode_images(pixels)
+        if not (vae.dtype == torch.float16 and cls.upcasts_vae("fp16", dict(vae.config))):
+            yield
+            return
+        vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            vae.to(torch.float16)
 
     # --- split serving --------------------------------------------------------------
     prompt_embedding_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
@@ -110,18 +119,8 @@ class StableDiffusionXL(Family):
 
     @classmethod
     def decode_latents(cls, pipe, latents):
-        import torch
-
-        vae = pipe.vae
-        upcast = vae.dtype == torch.float16 and cls.upcasts_vae("fp16", dict(vae.config))
-        if not upcast:
+        with cls.fp32_vae(pipe.vae):  # the base decodes in the VAE's dtype
             return super().decode_latents(pipe, latents)
-        vae.to(torch.float32)  # as the pipeline decodes (see upcasts_vae)
-        try:
-            image = vae.decode(cls.unscaled_latents(vae, latents.to(vae.device, torch.float32)), return_dict=False)[0]
-        finally:
-            vae.to(torch.float16)
-        return cls.postprocess(pipe, image)
 
     # --- denoising ------------------------------------------------------------
     def conditioning(self, text, batch, resolution):

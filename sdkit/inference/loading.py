@@ -20,7 +20,6 @@ from sdkit.recipe import check_local_ref
 from sdkit.training.checkpoints import STATE_FILE  # a checkpoint folder holds it (no torch at import)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-EMBEDDING_FILE = "learned_embeds.safetensors"  # a textual-inversion run's result (sdkit.inference.embeddings)
 RECIPE_FILE = "recipe.yaml"
 MODEL_INDEX = "model_index.json"
 
@@ -63,7 +62,9 @@ def resolve_model(ref: str, key: str = "--model") -> ResolvedModel:
                                 f"'{recipe.model.pretrained}', which {key} does not load yet; load its LoRA "
                                 f"({path / LORA_FILE}) into that checkpoint in A1111/ComfyUI or diffusers")
             return ResolvedModel(base=recipe.model.pretrained, lora=str(path / LORA_FILE), run_dir=str(path))
-        if (path / EMBEDDING_FILE).is_file():
+        from sdkit.training.adapters.textual_inversion import LEARNED_EMBEDS  # no torch at import
+
+        if (path / LEARNED_EMBEDS).is_file():
             raise UserError(f"{key}: '{shorten(ref)}' is a textual-inversion run (an embedding, not a model): "
                             f"sdkit generate --model BASE --embedding {shorten(ref)} uses it; eval, export and serve "
                             "take no embeddings")

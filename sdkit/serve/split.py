@@ -17,9 +17,8 @@ whole pipeline's images for the same seed. Requests go through the whole model's
 from __future__ import annotations
 
 import time
-from typing import Optional
 
-from sdkit.export.handler_answers import images_output
+from sdkit.export.handler_answers import images_output, seeds_output
 from sdkit.export.handler_requests import (
     RequestError, canonical_fields, check_batch, make_job, parse_safely, parse_v2, show,
 )
@@ -78,7 +77,7 @@ class SplitPipeline:
             latents = self.pipe(**kwargs, num_inference_steps=job.steps, width=job.width, height=job.height,
                                 generator=generators, output_type="latent").images
         seconds = time.perf_counter() - started
-        outputs = [to_v2("latents", latents), _seeds_output(seeds)]
+        outputs = [to_v2("latents", latents), seeds_output(seeds)]
         return self._answer(body, outputs), seconds
 
     def decoder(self, body: dict) -> tuple[dict, float]:
@@ -89,7 +88,7 @@ class SplitPipeline:
         with torch.inference_mode():
             images = self.family.decode_latents(self.pipe, latents)
         seconds = time.perf_counter() - started
-        outputs = [images_output(images, job.image_format)] + ([_seeds_output(seeds)] if seeds is not None else [])
+        outputs = [images_output(images, job.image_format)] + ([seeds_output(seeds)] if seeds is not None else [])
         return self._answer(body, outputs), seconds
 
     # ---------------------------------------------------------------- requests (the whole model's caps)
@@ -166,18 +165,13 @@ def _settings(body: dict, allowed: tuple, part: str) -> dict:
     return fields
 
 
-def _seeds_output(seeds: list) -> dict:
-    return {"name": "seeds", "datatype": "INT64", "shape": [len(seeds)], "data": list(seeds)}
-
-
-def load_split(model: str, *, service=None, config: Optional[dict] = None) -> SplitPipeline:
+def load_split(model: str) -> SplitPipeline:
     """The parts of `model` in this process (a client keeping some parts local), with sdkit serve's default caps."""
     from sdkit.export.handler import DiffusionService
     from sdkit.families import detect_family, family_class
     from sdkit.serve.server import pipeline_config
 
-    config = config or pipeline_config(model)
-    if service is None:
-        service = DiffusionService()
-        service.load("/", {**config, "warmup": False})
+    config = pipeline_config(model)
+    service = DiffusionService()
+    service.load("/", {**config, "warmup": False})
     return SplitPipeline(service, family_class(detect_family(config["pipeline"])))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sdkit.errors import UserError
+from sdkit.errors import UserError, shorten
 
 EXTRA = "wandb"  # the pyproject extra that installs wandb
 
@@ -67,4 +67,4 @@ def log_images(accelerator, recipe, step: int, images: list[tuple[str, object]])
 def _tag_text(prompt: str) -> str:
     """The prompt as part of a TensorBoard tag (its UI groups tags by '/'; long ones are cut)."""
     text = re.sub(r"\s+", " ", prompt.replace("/", " ")).strip()
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(text, 80)
