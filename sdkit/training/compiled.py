@@ -48,31 +48,43 @@ def inductor_cache(run_dir) -> Path:
 
 def compile_module(module, run_dir) -> "CompileGuard":
     """Compile `module` in place (its state_dict keys do not change); returns its guard."""
-    import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
     inductor_cache(run_dir)
+    functorch_config.force_non_lazy_backward_lowering = True
+    _compile_static(module)
+    return CompileGuard(module)
+
+
+def _compile_static(module) -> None:
+    """Compile in place with static shapes, each shape (bucket, image size) kept compiled up to the limit."""
+    import torch._dynamo.config as dynamo_config
+
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    functorch_config.force_non_lazy_backward_lowering = True
     module.compile(dynamic=False)
-    return CompileGuard(module)
+
+
+def _fall_back(module, error: Exception, flag: str, then: str) -> str:
+    """After a compile error: one warning naming its reason, and `module` eager again; returns the reason."""
+    reason = failure_reason(error)
+    warnings.warn(f"{flag}: compiling the denoiser failed ({reason}); {then}", RuntimeWarning, stacklevel=3)
+    uncompile(module)
+    return reason
 
 
 def compile_for_inference(module, flag: str = "--compile") -> None:
     """Compile `module` in place for inference (generate/eval/serve --compile); a call whose
     compile fails warns once naming the reason and runs eagerly, and so does every later call.
     No randomness happens inside the denoiser, so computing the call again eagerly is exact."""
-    module.compile(dynamic=False)
+    _compile_static(module)
     compiled = module._compiled_call_impl
 
     def guarded(*args, **kwargs):
         try:
             return compiled(*args, **kwargs)
         except _compile_errors() as e:
-            warnings.warn(f"{flag}: compiling the denoiser failed ({failure_reason(e)}); going on eagerly",
-                          RuntimeWarning, stacklevel=2)
-            uncompile(module)
+            _fall_back(module, e, flag, "going on eagerly")
             return module(*args, **kwargs)
 
     module._compiled_call_impl = guarded
@@ -113,10 +125,7 @@ class CompileGuard:
         try:
             out = compute()
         except _compile_errors() as e:
-            self.failure = failure_reason(e)
-            warnings.warn(f"train.compile: compiling the denoiser failed ({self.failure}); training goes on eagerly",
-                          RuntimeWarning, stacklevel=2)
-            uncompile(self.module)
+            self.failure = _fall_back(self.module, e, "train.compile", "training goes on eagerly")
             rng.set_state(start)
             out = compute()
         self.pending = False
