@@ -125,8 +125,9 @@ def generate(
         endpoint_generate_command(
             prompts=prompts, endpoints=endpoint, model_ref=lambda: use_model(model).ref, negative_prompt=negative_prompt,
             steps=steps, guidance=guidance, seed=seed, width=width, height=height, num_images=num_images, out=out,
-            local_only={"--lora": lora, "--refiner": refiner, "--scheduler": scheduler, "--device": device,
-                        "--dtype": dtype, "--profile": profile, "--compile": compile, "--batch-size": batch_size > 1},
+            local_only={"--lora": lora, "--lora-scale": lora_scale != 1.0, "--embedding": embedding,
+                        "--refiner": refiner, "--scheduler": scheduler, "--device": device, "--dtype": dtype,
+                        "--profile": profile, "--compile": compile, "--batch-size": batch_size > 1},
         )
         return
     generate_command(

@@ -53,6 +53,13 @@ def test_bad_inputs_exit_2_with_one_line(override, needle):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flags", [["--lora", "x"], ["--lora-scale", "0.5"], ["--embedding", "x"], ["--compile"]])
+def test_generate_endpoint_refuses_in_process_flags_in_one_line(flags):
+    # The served parts load the model as `sdkit serve` set it: a flag they would ignore is an error, not a no-op.
+    result = run("generate", "a dog", "--endpoint", "http://127.0.0.1:9/v2/models/tiny", *flags)
+    assert result.returncode == 2 and f"{flags[0]}: not with --endpoint" in result.stderr, result.stderr
+
+
 def test_missing_recipe_file_exits_2():
     result = run("train", "nope.yaml")
     assert result.returncode == 2 and "nope.yaml" in result.stderr
