@@ -143,12 +143,10 @@ save_file(texts, f"{out}/text-{rank}.safetensors")  # the trained text encoders'
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
-    import socket
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous, a server)."""
+    from sdkit.export.torchserve import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def train_two_cpu_ranks(tmp_path: Path, recipe: Path, port: int) -> tuple[Path, list[dict]]:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdkit.errors import UserError, first_line, shorten
-from sdkit.training.adapters.textual_inversion import LEARNED_EMBEDS, diffusers_file_name, placeholder_tokens
+from sdkit.training.adapters.textual_inversion import (
+    LEARNED_EMBEDS, add_new_tokens, diffusers_file_name, placeholder_tokens,
+)
 
 MAX_VECTORS = 64  # recipe's method.num_vectors cap; a file with more rows is not an embedding sdkit wrote or reads
 
@@ -80,7 +82,7 @@ def read_embedding(ref: str, family_cls, key: str = "--embedding") -> Embedding:
             v.unsqueeze_(0)
     if any(v.dim() != 2 or not 1 <= v.shape[0] <= MAX_VECTORS for v in vectors) or not token.strip():
         raise UserError(f"{key}: '{path}' does not hold [vectors, width] embeddings of at most {MAX_VECTORS} vectors")
-    return Embedding(token=token, vectors=[v.reshape(v.shape[0], -1) for v in vectors], source=str(path))
+    return Embedding(token=token, vectors=vectors, source=str(path))
 
 
 def add_embedding(pipe, family_cls, embedding: Embedding, key: str = "--embedding") -> None:
@@ -94,10 +96,8 @@ def add_embedding(pipe, family_cls, embedding: Embedding, key: str = "--embeddin
             raise UserError(f"{key}: '{embedding.source}' has {vectors.shape[1]}-wide vectors, {attr_enc} of this "
                             f"model takes {width} (an embedding of another model)")
         tokens = placeholder_tokens(embedding.token, vectors.shape[0])
-        if tokenizer.add_tokens(tokens) != len(tokens):
-            raise UserError(f"{key}: token '{shorten(embedding.token, 40)}' is already known to the model "
-                            "(the same embedding twice?)")
-        ids = tokenizer.convert_tokens_to_ids(tokens)
+        ids = add_new_tokens(tokenizer, tokens, f"{key}: token '{shorten(embedding.token, 40)}' is already known to "
+                             "the model (the same embedding twice?)")
         rows = encoder.get_input_embeddings().weight.shape[0]
         if max(ids) >= rows:
             encoder.resize_token_embeddings(max(ids) + 1)

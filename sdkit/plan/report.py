@@ -138,7 +138,7 @@ def _print_settings(console, est: Estimate, n: dict) -> None:
     from sdkit.training.adapters import make_adapter
 
     adapter = make_adapter(r.method)
-    method = "full fine-tune" if r.method.type == "full" else getattr(adapter, "label", f"{adapter.title} rank {r.method.rank}")
+    method = adapter.label
     accum = f" x {t.gradient_accumulation} accumulated" if t.gradient_accumulation > 1 else ""
     console.print(
         f"{method}, {_size(est)}, batch {t.batch_size}{accum}, mixed precision {t.mixed_precision}, "

@@ -8,7 +8,6 @@ tab land in the test's tmp folder.
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import train_recipe, write_recipe
+from helpers import free_port, train_recipe, write_recipe
 
 pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e .[ui])")
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
@@ -32,12 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a red circle"
 SETTINGS = dict(steps=2, guidance=5.0, seed=3)
 LOOPBACK = ("http://127.0.0.1", "data:", "blob:")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ def freeze(family) -> None:
 class FullFineTune:
     kind = "full"
     title = "Full fine-tune"
+    label = "full fine-tune"  # how `sdkit plan` names the method
     # Checkpoints hold every weight.
     checkpoints_adapters_only = False
     usage = """```python

@@ -84,8 +84,12 @@ image = pipe("{prompt}").images[0]
         """What the captions lack for this method (one line), or None."""
         return None
 
+    @property
+    def label(self) -> str:  # how `sdkit plan` names the method
+        return f"{self.title} rank {self.method.rank}"
+
     def card_lines(self) -> list[str]:
-        return [f"- {self.title} rank {self.method.rank}, alpha {self.method.lora_alpha}"]
+        return [f"- {self.label}, alpha {self.method.lora_alpha}"]
 
     def trainable_state(self, module) -> dict:
         from peft.utils import get_peft_model_state_dict

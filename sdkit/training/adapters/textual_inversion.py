@@ -30,6 +30,13 @@ def placeholder_tokens(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
+def add_new_tokens(tokenizer, tokens: list[str], error: str) -> list[int]:
+    """The ids of `tokens`, added to `tokenizer`; UserError(error) when one of them is known already."""
+    if tokenizer.add_tokens(tokens) != len(tokens):
+        raise UserError(error)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
 def a1111_file_name(token: str) -> str:
     """A1111 and ComfyUI take the trigger word from the file name: the token's letters, digits, - and _."""
     return (re.sub(r"[^A-Za-z0-9_-]", "", token) or "embedding") + ".safetensors"
@@ -82,10 +89,9 @@ Or `sdkit generate "{prompt}" --model {base} --embedding {run}`; A1111/ComfyUI: 
         freeze(family)
         for tokenizer, encoder in zip(family.tokenizers, family.text_encoders):
             base = encoder.get_input_embeddings()
-            added = tokenizer.add_tokens(self.tokens)
-            if added != len(self.tokens):
-                raise UserError(f"method.placeholder_token: '{shorten(self.method.placeholder_token, 40)}' (or a "
-                                f"'_N' form of it) is already a token of the model; choose a new word such as <my-thing>")
+            ids = add_new_tokens(tokenizer, self.tokens,
+                                 f"method.placeholder_token: '{shorten(self.method.placeholder_token, 40)}' (or a "
+                                 f"'_N' form of it) is already a token of the model; choose a new word such as <my-thing>")
             init_ids = tokenizer.encode(self.method.initializer_token, add_special_tokens=False)
             if not init_ids:
                 raise UserError(f"method.initializer_token: '{shorten(self.method.initializer_token, 40)}' "
@@ -93,7 +99,6 @@ Or `sdkit generate "{prompt}" --model {base} --embedding {run}`; A1111/ComfyUI: 
             with torch.no_grad():
                 start = base.weight[torch.tensor(init_ids, device=base.weight.device)].float().mean(dim=0)
             initial = start.expand(len(self.tokens), -1).to(dtype or torch.float32)
-            ids = tokenizer.convert_tokens_to_ids(self.tokens)
             encoder.set_input_embeddings(AddedTokenEmbedding(base, ids, initial))
         return [family.denoiser, *family.text_encoders]
 
